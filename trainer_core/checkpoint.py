@@ -1,0 +1,132 @@
+"""Atomic save and exact resume of the whole training state, in safetensors only.
+
+One checkpoint is one file ``step_NNNNNN.safetensors`` holding the LoRA (portable format, fp32), the
+optimizer's tensors, the RNG states and, in its metadata, everything else as JSON: step, scheduler state,
+the optimizer's scalar state and param groups, the losses so far and the settings the run must keep.
+A pickle-free format means a checkpoint from anywhere can be opened without running its code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import TrainerInputError
+from .fileio import save_safetensors
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^step_(\d{6,})\.safetensors$")
+
+
+@dataclass
+class TrainingState:
+    step: int
+    lora: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+    losses: list[float]
+    fingerprint: dict[str, Any]  # settings that must match to resume (targets, rank, data, …)
+
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{pid}.{key}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, values in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
+    """Write ``step_NNNNNN.safetensors`` atomically into ``folder``; keep only the newest ``keep``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    opt_tensors, opt_meta = _flatten_optimizer(state.optimizer)
+    tensors = {f"lora.{k}": v.float() for k, v in state.lora.items()}
+    tensors.update(opt_tensors)
+    tensors.update({f"rng.{k}": v for k, v in state.rng.items()})
+    meta = {
+        "format": "flux-lora-trainer-checkpoint/1",
+        "step": str(state.step),
+        "optimizer": json.dumps(opt_meta),
+        "scheduler": json.dumps(state.scheduler),
+        "losses": json.dumps(state.losses),
+        "fingerprint": json.dumps(state.fingerprint, sort_keys=True),
+    }
+    path = save_safetensors(tensors, folder / f"step_{state.step:06d}.safetensors", meta)
+    for old in list_checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    log.info("checkpoint saved: %s", path)
+    return path
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint files in ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> TrainingState:
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "flux-lora-trainer-checkpoint/1":
+                raise TrainerInputError(f"'{path}' is not a checkpoint written by this trainer.")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise TrainerInputError(
+            f"checkpoint '{path}' is damaged ({exc}). Delete it to resume from the previous one."
+        ) from exc
+    group = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    return TrainingState(
+        step=int(meta["step"]),
+        lora=group("lora."),
+        optimizer=_unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("optimizer.")},
+                                       json.loads(meta["optimizer"])),
+        scheduler=json.loads(meta["scheduler"]),
+        rng=group("rng."),
+        losses=json.loads(meta["losses"]),
+        fingerprint=json.loads(meta["fingerprint"]),
+    )
+
+
+def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a run whose settings changed in a way that would silently change the result."""
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in changed)
+        raise TrainerInputError(
+            f"cannot resume from '{path}': settings changed ({details}). Restore those settings, "
+            f"or start a new run (turn resume off or use a new output name)."
+        )

@@ -1,0 +1,252 @@
+"""Typed settings shared by the CLI, the ComfyUI nodes and checkpoints.
+
+This is the one place that knows defaults, allowed values and the messages for bad values. Every
+dataclass has ``validate()``, which raises :class:`TrainerInputError` naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import TrainerInputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+CAPTION_FALLBACKS = ("stem", "trigger")
+CROP_MODES = ("center", "random")
+TIMESTEP_SAMPLERS = ("uniform", "sigmoid", "shift", "flux_shift")
+OPTIMIZERS = ("adamw", "adamw8bit")
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine")
+COMPUTE_DTYPES = ("bf16", "fp32")
+BASE_PRECISIONS = ("bf16", "fp32", "fp8", "nf4", "int8")
+LORA_DTYPES = ("fp32", "bf16")
+
+
+def _check_choice(section: str, name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise TrainerInputError(f"{section}.{name}: '{value}' is not one of {', '.join(choices)}.")
+
+
+def _check_positive(section: str, name: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = "≥ 0" if allow_zero else "> 0"
+        raise TrainerInputError(f"{section}.{name}: must be {bound}, got {value}.")
+
+
+@dataclass
+class DatasetConfig:
+    folder: str = ""
+    trigger_word: str = ""
+    caption_extension: str = ".txt"
+    caption_fallback: str = "stem"  # used when an image has no caption file: its file stem, or the trigger word only
+    resolutions: list[int] = field(default_factory=lambda: [512])
+    buckets: bool = True  # aspect-ratio buckets (area-preserving); False = square center/random crops
+    crop: str = "center"
+    flip: bool = False  # also train on the mirrored image (cached once each)
+    repeats: int = 1
+    allow_upscale: bool = False  # refuse images that would need enlarging for the smallest resolution
+    seed: int = 0
+
+    def validate(self) -> "DatasetConfig":
+        _check_choice("dataset", "caption_fallback", self.caption_fallback, CAPTION_FALLBACKS)
+        _check_choice("dataset", "crop", self.crop, CROP_MODES)
+        _check_positive("dataset", "repeats", self.repeats)
+        if not self.resolutions:
+            raise TrainerInputError("dataset.resolutions: give at least one resolution, e.g. [512].")
+        for res in self.resolutions:
+            if res <= 0 or res % 16:
+                raise TrainerInputError(
+                    f"dataset.resolutions: {res} is not a positive multiple of 16 "
+                    f"(FLUX packs 2×2 latent patches of an 8× VAE). Try {max(16, round(res / 16) * 16)}."
+                )
+        return self
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    targets: str = "attention"  # a preset name from lora.TARGET_PRESETS, or a regex over module names
+    dropout: float = 0.0
+
+    def validate(self) -> "LoraConfig":
+        if self.rank <= 0:
+            raise TrainerInputError(f"lora.rank: must be a positive integer (typical 4–64), got {self.rank}.")
+        if self.alpha <= 0:
+            raise TrainerInputError(f"lora.alpha: must be > 0 (commonly equal to rank), got {self.alpha}.")
+        if not 0 <= self.dropout < 1:
+            raise TrainerInputError(f"lora.dropout: must be in [0, 1), got {self.dropout}.")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    compute_dtype: str = "bf16"
+    timestep_sampling: str = "flux_shift"
+    sigmoid_mean: float = 0.0
+    sigmoid_std: float = 1.0
+    sigmoid_scale: float = 1.0
+    shift: float = 3.0
+    guidance: float = 1.0
+    seed: int = 42
+    checkpoint_every: int = 250  # 0 = only on interrupt/error and at the end
+    keep_checkpoints: int = 2
+
+    def validate(self) -> "TrainConfig":
+        _check_positive("train", "steps", self.steps)
+        _check_positive("train", "learning_rate", self.learning_rate)
+        _check_positive("train", "batch_size", self.batch_size)
+        _check_positive("train", "gradient_accumulation", self.gradient_accumulation)
+        _check_positive("train", "weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("train", "warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_positive("train", "max_grad_norm", self.max_grad_norm, allow_zero=True)
+        _check_positive("train", "checkpoint_every", self.checkpoint_every, allow_zero=True)
+        _check_positive("train", "keep_checkpoints", self.keep_checkpoints)
+        _check_positive("train", "sigmoid_std", self.sigmoid_std)
+        _check_positive("train", "sigmoid_scale", self.sigmoid_scale)
+        _check_positive("train", "shift", self.shift)
+        _check_positive("train", "guidance", self.guidance, allow_zero=True)
+        _check_choice("train", "optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("train", "scheduler", self.scheduler, SCHEDULERS)
+        _check_choice("train", "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        _check_choice("train", "timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLERS)
+        return self
+
+
+@dataclass
+class MemoryConfig:
+    """How the frozen base is stored and streamed. Presets in ``memory.presets`` fill these."""
+
+    preset: str = "none"
+    base_precision: str = "bf16"
+    lora_dtype: str = "fp32"
+    blocks_to_swap: int = 0
+    gradient_checkpointing: bool = False
+    offload_activations: bool = False
+    compile_blocks: bool = False
+
+    def validate(self) -> "MemoryConfig":
+        _check_choice("memory", "base_precision", self.base_precision, BASE_PRECISIONS)
+        _check_choice("memory", "lora_dtype", self.lora_dtype, LORA_DTYPES)
+        _check_positive("memory", "blocks_to_swap", self.blocks_to_swap, allow_zero=True)
+        return self
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = field(default_factory=list)
+    every: int = 0  # steps between validation samples; 0 = only at the end
+    steps: int = 20
+    guidance: float = 3.5
+    seed: int = 0
+    width: int = 512
+    height: int = 512
+
+    def validate(self) -> "SampleConfig":
+        _check_positive("sample", "steps", self.steps)
+        _check_positive("sample", "every", self.every, allow_zero=True)
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value <= 0 or value % 16:
+                raise TrainerInputError(f"sample.{name}: {value} is not a positive multiple of 16.")
+        return self
+
+
+@dataclass
+class ModelPaths:
+    """Model files for the CLI (inside ComfyUI the loaders provide these)."""
+
+    transformer: str = ""
+    vae: str = ""
+    clip_l: str = ""
+    t5: str = ""
+    tokenizers: str = ""  # folder holding clip/ and t5/ tokenizer files; empty = next to the encoders
+    base_name: str = ""  # recorded in LoRA metadata; defaults to the transformer file name
+
+
+@dataclass
+class OutputConfig:
+    folder: str = "output"
+    name: str = "flux_lora"
+    overwrite: bool = False
+    resume: bool = False
+    cache_folder: str = ""  # empty = <folder>/cache
+
+
+@dataclass
+class RunConfig:
+    model: ModelPaths = field(default_factory=ModelPaths)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> "RunConfig":
+        for section in (self.dataset, self.lora, self.train, self.memory, self.sample):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
+        """Build from nested dicts (a parsed TOML file); unknown sections or keys are errors, not ignored."""
+        run = cls()
+        for section_name, values in data.items():
+            if section_name not in {f.name for f in dataclasses.fields(cls)}:
+                known = ", ".join(f.name for f in dataclasses.fields(cls))
+                raise TrainerInputError(f"{source}: unknown section [{section_name}]; known sections: {known}.")
+            if not isinstance(values, dict):
+                raise TrainerInputError(f"{source}: [{section_name}] must be a table of settings.")
+            setattr(run, section_name, _replace_checked(getattr(run, section_name), values, f"{source} [{section_name}]"))
+        return run
+
+
+def _replace_checked(instance, values: dict[str, Any], where: str):
+    known = {f.name: f for f in dataclasses.fields(instance)}
+    converted = {}
+    for key, value in values.items():
+        if key not in known:
+            raise TrainerInputError(f"{where}: unknown setting '{key}'; known: {', '.join(known)}.")
+        default = getattr(instance, key)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise TrainerInputError(f"{where}: '{key}' must be true or false, got {value!r}.")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TrainerInputError(f"{where}: '{key}' must be a number, got {value!r}.")
+            if isinstance(default, int) and not isinstance(default, bool) and not float(value).is_integer():
+                raise TrainerInputError(f"{where}: '{key}' must be a whole number, got {value!r}.")
+            value = type(default)(value)
+        if isinstance(default, list) and not isinstance(value, list):
+            value = [value]
+        converted[key] = value
+    return dataclasses.replace(instance, **converted)
+
+
+def load_run_config(path: Path) -> RunConfig:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    if not path.is_file():
+        raise TrainerInputError(f"--config: file '{path}' does not exist.")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise TrainerInputError(f"--config: '{path}' is not valid TOML: {exc}") from exc
+    return RunConfig.from_dict(data, source=str(path))

@@ -1,0 +1,107 @@
+"""Atomic, non-clobbering file writes shared by the cache, checkpoints and LoRA files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import TrainerInputError
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    On failure the temporary file is removed and ``path`` is untouched, so a crash never leaves a
+    half-written file where a reader would find it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file atomically (contiguous CPU copies, metadata values as strings)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def save_json(data, path: Path) -> Path:
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+    return Path(path)
+
+
+def publish_dir(staging: Path, final: Path) -> Path:
+    """Move a fully written staging folder to ``final`` (replacing an older one of that name)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    return final
+
+
+def staging_dir(parent: Path, name: str) -> Path:
+    """A fresh hidden folder inside ``parent`` to build a directory before ``publish_dir``."""
+    return Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
+
+
+def unique_path(path: Path) -> Path:
+    """``path`` if free, else ``stem_001.ext``, ``stem_002.ext``… — an earlier file is never clobbered."""
+    path = Path(path)
+    if not path.exists():
+        return path
+    for n in range(1, 100000):
+        candidate = path.with_name(f"{path.stem}_{n:03d}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+    raise TrainerInputError(f"Too many files named like {path} already exist; choose another output name.")
+
+
+def ensure_writable_dir(path: Path, field: str) -> Path:
+    """Create ``path`` if needed and prove it is writable, or raise naming ``field``."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainerInputError(
+            f"{field}: cannot write to folder '{path}' ({exc.strerror or exc}). "
+            f"Choose a folder you have write permission for, or fix its permissions."
+        ) from exc
+    return path
+
+
+def safe_output_name(name: str, field: str = "output_name") -> str:
+    """Validate a user-given file stem so it cannot escape its output folder."""
+    stem = name.strip()
+    if stem.endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    bad = set('<>:"/\\|?*') | {chr(c) for c in range(32)}
+    if not stem or stem in {".", ".."} or any(ch in bad for ch in stem) or stem.startswith("."):
+        raise TrainerInputError(
+            f"{field}: '{name}' is not a valid file name. Use letters, digits, spaces, '-', '_' or '.', "
+            f"without folder separators (the file always goes into the output folder)."
+        )
+    return stem

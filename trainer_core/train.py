@@ -1,0 +1,360 @@
+"""The training loop: batch → loss → step, with checkpoints, metrics and validation samples.
+
+It knows nothing of ComfyUI or tqdm: progress, previews and stop requests go through :class:`Callbacks`.
+:class:`TrainingSession` holds the model, optimizer and RNG and does one optimizer step at a time (the
+benchmark drives it directly); :func:`train_lora` runs a session to the end and writes the LoRA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from . import checkpoint as ckpt
+from . import flow, lora, memory
+from .config import LoraConfig, MemoryConfig, SampleConfig, TrainConfig
+from .data.cache import LatentCache
+from .data.dataset import BatchOrder
+from .errors import TrainerInputError, TrainingStopped
+from .fileio import ensure_writable_dir, safe_output_name
+from .metrics import MetricsLog
+
+log = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class StepInfo:
+    step: int  # optimizer steps completed
+    total_steps: int
+    loss: float
+    lr: float
+    seconds_per_step: float
+
+
+class Callbacks:
+    """Hooks the caller overrides. Any exception raised from a hook stops training after a checkpoint."""
+
+    def on_step(self, info: StepInfo) -> None:
+        pass
+
+    def on_sample(self, step: int, latents: torch.Tensor) -> None:
+        """Validation latents (model space, [N, 16, h, w]) every ``sample.every`` steps and at the end."""
+
+    def on_checkpoint(self, path: Path) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+@dataclass
+class TrainResult:
+    lora_path: Path
+    losses: list[float]
+    steps: int
+    resumed_from: int  # step the run resumed at (0 for a fresh run)
+    checkpoint: Path | None
+
+
+@dataclass
+class ValidationPrompts:
+    """Encoded validation prompts (hidden [L, D], pooled [P] each) and how to sample them."""
+
+    embeddings: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    config: SampleConfig = field(default_factory=SampleConfig)
+
+
+@torch.no_grad()
+def sample_validation(transformer, prompts: ValidationPrompts, device, dtype=torch.float32) -> torch.Tensor:
+    """Euler-sample one latent per validation prompt; fixed noise seed, so samples compare across time."""
+    cfg = prompts.config
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out = []
+    for hidden, pooled in prompts.embeddings:
+        noise = torch.randn((1, 16, cfg.height // 8, cfg.width // 8), generator=gen).to(device)
+        latent = flow.euler_sample(transformer, noise, hidden[None].to(device), pooled[None].to(device),
+                                   cfg.guidance, cfg.steps, dtype=dtype)
+        out.append(latent.cpu())
+    return torch.cat(out)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    raise TrainerInputError(f"train.optimizer: unknown optimizer '{cfg.optimizer}'.")
+
+
+class TrainingSession:
+    """A LoRA on a frozen FLUX transformer, its optimizer and RNG: ``step()`` does one optimizer step."""
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        cache: LatentCache,
+        lora_cfg: LoraConfig,
+        train_cfg: TrainConfig,
+        mem_cfg: MemoryConfig | None = None,
+        device: torch.device | str | None = None,
+    ):
+        self.train_cfg = train_cfg.validate()
+        self.lora_cfg = lora_cfg.validate()
+        self.mem_cfg = (mem_cfg or MemoryConfig()).validate()
+        if len(cache) == 0:
+            raise TrainerInputError("dataset: the cache holds no images; add images to the dataset folder.")
+        self.cache = cache
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = COMPUTE_DTYPES[train_cfg.compute_dtype]
+        self.transformer = memory.prepare_base(transformer, self.mem_cfg, self.dtype)
+        self.targets = lora.add_lora(self.transformer, lora_cfg, seed=train_cfg.seed)
+        self.memory = memory.prepare_training(self.transformer, self.mem_cfg, self.device)
+        self.params = lora.lora_parameters(self.transformer)
+        self.optimizer = build_optimizer(self.params, train_cfg)
+        self.scheduler = get_scheduler(
+            train_cfg.scheduler,
+            self.optimizer,
+            num_warmup_steps=train_cfg.warmup_steps,
+            num_training_steps=train_cfg.steps,
+        )
+        self.order = BatchOrder(cache.sizes, train_cfg.batch_size, cache.repeats, train_cfg.seed)
+        # Noise and σ come from a private CPU generator, so runs match across devices and resume exactly.
+        self.generator = torch.Generator().manual_seed(train_cfg.seed)
+        self.step_count = 0
+        self.transformer.train()  # FLUX has no dropout; nf4 layers must never see eval() (reference.md §2)
+
+    def _batch(self, micro_index: int):
+        indices = self.order.batch(micro_index)
+        x0 = torch.stack([self.cache.latent(i) for i in indices]).float()
+        texts = [self.cache.text(i) for i in indices]
+        hidden = torch.stack([t[0] for t in texts])
+        pooled = torch.stack([t[1] for t in texts])
+        return x0, hidden, pooled
+
+    def step(self) -> float:
+        """One optimizer step over ``gradient_accumulation`` micro-batches; returns the mean loss.
+
+        Raises TrainingStopped before touching the weights if the loss is not finite.
+        """
+        cfg = self.train_cfg
+        accum = cfg.gradient_accumulation
+        total = 0.0
+        for j in range(accum):
+            x0, hidden, pooled = self._batch(self.step_count * accum + j)
+            noise = torch.randn(x0.shape, generator=self.generator)
+            sigma = flow.sample_sigmas(
+                x0.shape[0], cfg.timestep_sampling, flow.image_token_count(*x0.shape[-2:]), self.generator,
+                mean=cfg.sigmoid_mean, std=cfg.sigmoid_std, scale=cfg.sigmoid_scale, shift=cfg.shift,
+            )
+            x0, noise, sigma = (t.to(self.device) for t in (x0, noise, sigma))
+            loss = flow.flow_matching_loss(
+                self.transformer, x0.to(self.dtype), noise.to(self.dtype), sigma, hidden.to(self.device),
+                pooled.to(self.device), cfg.guidance, dtype=self.dtype,
+            )
+            (loss / accum).backward()
+            total += loss.item() / accum
+        if not math.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingStopped(f"loss became {total} at step {self.step_count + 1}")
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return total
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Settings that must not change across a resume (steps may grow; checkpointing may change)."""
+        train = dataclasses.asdict(self.train_cfg)
+        for free in ("steps", "checkpoint_every", "keep_checkpoints"):
+            train.pop(free)
+        return {
+            "lora": dataclasses.asdict(self.lora_cfg),
+            "train": train,
+            "data": self.cache.fingerprint,
+            "targets": len(self.targets),
+        }
+
+    def state(self, losses: list[float]) -> ckpt.TrainingState:
+        return ckpt.TrainingState(
+            step=self.step_count,
+            lora=lora.lora_state_dict(self.transformer, torch.float32),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            rng={"generator": self.generator.get_state(), "torch": torch.get_rng_state()},
+            losses=list(losses),
+            fingerprint=self.fingerprint(),
+        )
+
+    def load_state(self, state: ckpt.TrainingState) -> None:
+        lora.set_lora_state_dict(self.transformer, state.lora)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.generator.set_state(state.rng["generator"])
+        torch.set_rng_state(state.rng["torch"])
+        self.step_count = state.step
+
+    def sample(self, prompts: ValidationPrompts) -> torch.Tensor:
+        return sample_validation(self.transformer, prompts, self.device, self.dtype)
+
+    def close(self) -> None:
+        self.memory.close()
+
+
+def train_lora(
+    transformer: torch.nn.Module,
+    cache: LatentCache,
+    *,
+    lora_cfg: LoraConfig,
+    train_cfg: TrainConfig,
+    output_dir: Path,
+    output_name: str,
+    mem_cfg: MemoryConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    checkpoint_root: Path | None = None,
+    metrics_path: Path | None = None,
+    validation: ValidationPrompts | None = None,
+    metadata: dict[str, Any] | None = None,
+    callbacks: Callbacks | None = None,
+    device: torch.device | str | None = None,
+) -> TrainResult:
+    """Train a LoRA to ``train_cfg.steps`` and write ``output_dir/<output_name>.safetensors``.
+
+    Checkpoints go to ``checkpoint_root/<name>`` (default root ``output_dir/checkpoints``) every
+    ``checkpoint_every`` steps, and on interrupt or error (then the exception is re-raised). With
+    ``resume`` the newest checkpoint there is continued exactly. A fresh run never reuses the name of an
+    earlier LoRA or of an earlier run's checkpoints: it takes ``<name>_001`` and so on.
+    """
+    callbacks = callbacks or Callbacks()
+    output_dir = ensure_writable_dir(Path(output_dir), "output folder")
+    checkpoint_root = Path(checkpoint_root or output_dir / "checkpoints")
+    name = run_name(output_dir, checkpoint_root, safe_output_name(output_name), resume, overwrite)
+    checkpoint_dir = ensure_writable_dir(checkpoint_root / name, "checkpoint folder")
+    metrics_path = Path(metrics_path or checkpoint_dir / "metrics.jsonl")
+    if not resume:
+        metrics_path.unlink(missing_ok=True)
+        for old in ckpt.list_checkpoints(checkpoint_dir):  # only non-empty when overwrite was asked for
+            old.unlink()
+    metrics = MetricsLog(metrics_path)
+
+    # Nodes run under inference mode (reference.md §3); training needs autograd whatever the caller did.
+    with torch.inference_mode(False), torch.enable_grad():
+        session = TrainingSession(transformer, cache, lora_cfg, train_cfg, mem_cfg, device)
+        try:
+            return _run(session, callbacks, metrics, output_dir, name, checkpoint_dir, resume, overwrite,
+                        validation, metadata or {})
+        finally:
+            session.close()
+
+
+def run_name(output_dir: Path, checkpoint_root: Path, name: str, resume: bool, overwrite: bool) -> str:
+    """The run's file stem: ``name`` when resuming or overwriting, else the first free ``name[_NNN]``."""
+    if resume or overwrite:
+        return name
+    stem, n = name, 0
+    while (output_dir / f"{stem}.safetensors").exists() or ckpt.list_checkpoints(checkpoint_root / stem):
+        n += 1
+        stem = f"{name}_{n:03d}"
+    if stem != name:
+        log.info("'%s' is taken by an earlier LoRA or run; this run is named '%s'", name, stem)
+    return stem
+
+
+def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog, output_dir: Path, name: str,
+         checkpoint_dir: Path, resume: bool, overwrite: bool, validation: ValidationPrompts | None,
+         metadata: dict[str, Any]) -> TrainResult:
+    cfg = session.train_cfg
+    losses: list[float] = []
+    resumed_from = 0
+    if resume:
+        path = ckpt.latest_checkpoint(checkpoint_dir)
+        if path is None:
+            log.info("resume: no checkpoint in %s, starting at step 0", checkpoint_dir)
+        else:
+            state = ckpt.load_checkpoint(path)
+            ckpt.check_fingerprint(state.fingerprint, session.fingerprint(), path)
+            session.load_state(state)
+            losses = state.losses
+            resumed_from = state.step
+            log.info("resumed from %s at step %d", path, state.step)
+
+    last_checkpoint: Path | None = None
+
+    def save_checkpoint() -> Path:
+        nonlocal last_checkpoint
+        last_checkpoint = ckpt.save_checkpoint(checkpoint_dir, session.state(losses), cfg.keep_checkpoints)
+        callbacks.on_checkpoint(last_checkpoint)
+        return last_checkpoint
+
+    started = time.perf_counter()
+    try:
+        while session.step_count < cfg.steps:
+            if callbacks.should_stop():
+                raise TrainingStopped(f"stopped at step {session.step_count} on request")
+            t0 = time.perf_counter()
+            loss = session.step()
+            losses.append(loss)
+            metrics.append({"step": session.step_count, "loss": loss, "lr": session.lr})
+            callbacks.on_step(StepInfo(session.step_count, cfg.steps, loss, session.lr, time.perf_counter() - t0))
+            if cfg.checkpoint_every and session.step_count % cfg.checkpoint_every == 0 and session.step_count < cfg.steps:
+                save_checkpoint()
+            if validation and validation.config.every and session.step_count % validation.config.every == 0:
+                callbacks.on_sample(session.step_count, session.sample(validation))
+    except BaseException as exc:
+        # Interrupt, error or non-finite loss: the weights are those of the last good step — keep them.
+        if session.step_count > resumed_from or last_checkpoint is None:
+            path = save_checkpoint()
+        else:
+            path = last_checkpoint
+        log.warning("training stopped at step %d (%s); resumable checkpoint: %s", session.step_count, exc, path)
+        if isinstance(exc, TrainingStopped):
+            exc.checkpoint = path
+            raise TrainingStopped(
+                f"{exc} — resumable checkpoint kept at '{path}'. "
+                + ("Lower the learning rate or check the dataset, then resume." if "loss became" in str(exc)
+                   else "Run again with resume on to continue."),
+                checkpoint=path,
+            ) from exc
+        raise
+
+    elapsed = time.perf_counter() - started
+    meta = {
+        **{k: str(v) for k, v in metadata.items()},
+        "trainer": "flux-lora-trainer",
+        "modelspec.architecture": "flux-1-dev/lora",
+        "rank": str(session.lora_cfg.rank),
+        "alpha": str(session.lora_cfg.alpha),
+        "targets": session.lora_cfg.targets,
+        "steps": str(session.step_count),
+        "dataset_hash": session.cache.fingerprint,
+        "training_settings": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+    }
+    lora_path = lora.save_lora(output_dir / f"{name}.safetensors", session.transformer, meta, overwrite=overwrite)
+    final_checkpoint = save_checkpoint()
+    if validation and validation.embeddings:
+        callbacks.on_sample(session.step_count, session.sample(validation))
+    log.info("trained %d steps in %.1f s; LoRA: %s", session.step_count - resumed_from, elapsed, lora_path)
+    return TrainResult(lora_path, losses, session.step_count, resumed_from, final_checkpoint)
