@@ -37,26 +37,38 @@ class TrainingState:
     fingerprint: dict[str, Any]  # settings that must match to resume (targets, rank, data, …)
 
 
+def _split_tensors(tree: dict[str, Any], prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Move every tensor of a nested dict into ``tensors`` (keys joined with '/'); return the JSON-able rest.
+
+    Optimizer states nest (bitsandbytes keeps its quantisation state in a sub-dict), so this recurses.
+    """
+    rest: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}"
+        if torch.is_tensor(value):
+            tensors[name] = value
+        elif isinstance(value, dict):
+            rest[str(key)] = _split_tensors(value, name, tensors)
+        else:
+            rest[str(key)] = value
+    return rest
+
+
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, param_state in state_dict["state"].items():
-        for key, value in param_state.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{pid}.{key}"] = value
-            else:
-                scalars.setdefault(str(pid), {})[key] = value
+    scalars = _split_tensors(state_dict["state"], "optimizer", tensors)
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[Any, Any] = json.loads(json.dumps(meta["scalars"]))
     for name, value in tensors.items():
-        _, pid, key = name.split(".", 2)
-        state.setdefault(int(pid), {})[key] = value
-    for pid, values in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(values)
-    return {"state": state, "param_groups": meta["param_groups"]}
+        *parents, leaf = name.split("/")[1:]
+        node = state
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return {"state": {int(pid): values for pid, values in state.items()}, "param_groups": meta["param_groups"]}
 
 
 def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
@@ -112,7 +124,7 @@ def load_checkpoint(path: Path) -> TrainingState:
     return TrainingState(
         step=int(meta["step"]),
         lora=group("lora."),
-        optimizer=_unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("optimizer.")},
+        optimizer=_unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("optimizer/")},
                                        json.loads(meta["optimizer"])),
         scheduler=json.loads(meta["scheduler"]),
         rng=group("rng."),

@@ -169,8 +169,11 @@ def cmd_train(args) -> int:
     run.validate()
     paths = run.model
     for field_name in ("transformer", "vae", "clip_l", "t5"):
-        if not getattr(paths, field_name):
+        value = getattr(paths, field_name)
+        if not value:
             raise TrainerInputError(f"[model] {field_name}: no file given; set it in the config file.")
+        if not Path(value).exists():
+            raise TrainerInputError(f"[model] {field_name}: '{value}' does not exist; check the path in the config.")
     if not run.dataset.folder:
         raise TrainerInputError("[dataset] folder: no dataset folder given; set it in the config or use --dataset.")
     out = Path(run.output.folder)

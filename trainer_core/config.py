@@ -20,7 +20,7 @@ TIMESTEP_SAMPLERS = ("uniform", "sigmoid", "shift", "flux_shift")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine")
 COMPUTE_DTYPES = ("bf16", "fp32")
-BASE_PRECISIONS = ("bf16", "fp32", "fp8", "nf4", "int8")
+BASE_PRECISIONS = ("auto", "bf16", "fp32", "fp8", "nf4", "int8")  # auto = stored in the compute dtype
 LORA_DTYPES = ("fp32", "bf16")
 
 
@@ -68,7 +68,7 @@ class DatasetConfig:
 class LoraConfig:
     rank: int = 16
     alpha: float = 16.0
-    targets: str = "attention"  # a preset name from lora.TARGET_PRESETS, or a regex over module names
+    targets: str = "attention+ffs"  # a preset name from lora.TARGET_PRESETS, or a regex over module names
     dropout: float = 0.0
 
     def validate(self) -> "LoraConfig":
@@ -126,20 +126,45 @@ class TrainConfig:
 
 @dataclass
 class MemoryConfig:
-    """How the frozen base is stored and streamed. Presets in ``memory.presets`` fill these."""
+    """How the frozen base is stored and streamed. Presets in ``memory.presets`` fill these.
+
+    ``preset`` "none" uses the fields as written; "auto" or a tier ("8gb" … "80gb") fills them from the tier
+    table (``memory.presets``), and fields the user set explicitly override the tier.
+    """
+
+    PRESETS = ("none", "auto", "8gb", "12gb", "16gb", "24gb", "48gb", "80gb")
 
     preset: str = "none"
-    base_precision: str = "bf16"
+    base_precision: str = "auto"
     lora_dtype: str = "fp32"
-    blocks_to_swap: int = 0
+    blocks_to_swap: int = 0  # transformer blocks (of 57 in FLUX.1) kept in host RAM and streamed in
+    prefetch_blocks: int = 1  # swapped blocks loaded ahead of use (each costs one block of VRAM)
     gradient_checkpointing: bool = False
-    offload_activations: bool = False
+    uncheckpointed_blocks: int = 0  # with checkpointing: the last N resident blocks keep activations (faster)
+    offload_activations: bool = False  # checkpointed block inputs wait in host RAM for the backward pass
     compile_blocks: bool = False
+    batch_size: int = 0  # 0 = use train.batch_size; a preset sets its tier's batch size
+    optimizer: str = ""  # "" = use train.optimizer; a preset sets its tier's optimizer
+    vram_budget_gb: float = 0.0  # 0 = the free VRAM detected; else the most VRAM training may use (GiB)
 
     def validate(self) -> "MemoryConfig":
+        _check_choice("memory", "preset", self.preset, self.PRESETS)
         _check_choice("memory", "base_precision", self.base_precision, BASE_PRECISIONS)
         _check_choice("memory", "lora_dtype", self.lora_dtype, LORA_DTYPES)
         _check_positive("memory", "blocks_to_swap", self.blocks_to_swap, allow_zero=True)
+        _check_positive("memory", "prefetch_blocks", self.prefetch_blocks)
+        _check_positive("memory", "uncheckpointed_blocks", self.uncheckpointed_blocks, allow_zero=True)
+        _check_positive("memory", "batch_size", self.batch_size, allow_zero=True)
+        _check_positive("memory", "vram_budget_gb", self.vram_budget_gb, allow_zero=True)
+        if self.optimizer:
+            _check_choice("memory", "optimizer", self.optimizer, OPTIMIZERS)
+        for name in ("blocks_to_swap", "offload_activations"):
+            if getattr(self, name) and not self.gradient_checkpointing:
+                raise TrainerInputError(
+                    f"memory.{name}: needs gradient_checkpointing = true (without it every block's weights and "
+                    f"activations stay referenced until the backward pass, so nothing is saved). Turn "
+                    f"gradient_checkpointing on, or set {name} to {0 if name == 'blocks_to_swap' else 'false'}."
+                )
         return self
 
 

@@ -1,0 +1,265 @@
+"""What the benchmark runs: a random-weight FLUX, a synthetic latent cache, our training step and the
+plain diffusers + peft baseline step. Each row of the table is measured in its own process (``measure``)."""
+
+from __future__ import annotations
+
+import math
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+GiB = 2**30
+
+
+# ----- model and data -----
+
+def model_config(name: str) -> dict:
+    if name == "tiny":
+        from trainer_core.models.tiny import tiny_flux_config
+
+        return tiny_flux_config()
+    from trainer_core.models.flux import flux_config
+
+    return {k: v for k, v in flux_config(name).items() if not k.startswith("_")}
+
+
+def random_flux(config: dict, device: str | torch.device = "cpu", dtype=torch.bfloat16, seed: int = 0):
+    """FLUX with random weights (no download): linears N(0, 1/fan_in), modulation 10× smaller, so a deep stack
+    stays finite; filled on the GPU when there is one (12 B values), then placed on ``device``."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**config).to(dtype)
+    model = model.to_empty(device=device)
+    fill = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    gen = torch.Generator(fill).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)  # RMSNorm scales
+            else:
+                std = (0.1 if ".norm" in name or name.startswith("norm") else 1.0) / math.sqrt(p.shape[1])
+                p.copy_(torch.empty(p.shape, device=fill, dtype=p.dtype).normal_(0, std, generator=gen))
+    return model.train()
+
+
+class SyntheticCache:
+    """The parts of ``LatentCache`` a training step reads: fixed random latents and T5/CLIP embeddings."""
+
+    def __init__(self, resolution: int, items: int = 4, text_tokens: int = 512, text_dim: int = 4096,
+                 pooled_dim: int = 768, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        side = resolution // 8
+        self._latents = [torch.randn(16, side, side, generator=g) for _ in range(items)]
+        self._text = (torch.randn(text_tokens, text_dim, generator=g).to(torch.bfloat16),
+                      torch.randn(pooled_dim, generator=g))
+        self.sizes = [(resolution, resolution)] * items
+        self.repeats = [1] * items
+        self.captions = ["benchmark"] * items
+        self.fingerprint = f"synthetic-{resolution}-{items}-{seed}"
+
+    def __len__(self) -> int:
+        return len(self._latents)
+
+    def latent(self, index: int) -> torch.Tensor:
+        return self._latents[index]
+
+    def text(self, index: int):
+        return self._text
+
+
+# ----- the two steps -----
+
+def our_step(model, cache, mem, *, rank: int, device, compute_dtype: str, optimizer: str, batch_size: int = 1):
+    """The real trainer: ``trainer_core.train.TrainingSession.step`` (the single import of our path)."""
+    from trainer_core import memory
+    from trainer_core.config import LoraConfig, TrainConfig
+    from trainer_core.train import TrainingSession
+
+    train = TrainConfig(steps=10_000, learning_rate=1e-4, batch_size=batch_size, optimizer=optimizer,
+                        compute_dtype=compute_dtype, checkpoint_every=0)
+    train = memory.effective_train_config(train, mem)
+    session = TrainingSession(model, cache, LoraConfig(rank=rank, alpha=rank, targets="attention"), train, mem, device)
+    return session.step, session.close
+
+
+class BaselineLoop:
+    """The diffusers reference recipe (train_dreambooth_lora_flux.py) written plainly: base in the compute dtype,
+    peft LoRA in the same dtype, diffusers' gradient checkpointing, autocast, AdamW, clipping at 1.0.
+    Targets are the same layers as ours ("attention"), so both do the same arithmetic."""
+
+    def __init__(self, model, cache, *, rank: int, device, dtype, checkpointing: bool):
+        from peft import LoraConfig
+
+        from trainer_core.lora import resolve_targets
+
+        self.device, self.dtype, self.cache = torch.device(device), dtype, cache
+        self.model = model.to(self.device, dtype)
+        self.model.requires_grad_(False)
+        self.model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                          target_modules=resolve_targets("attention")))
+        if checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
+        self.generator = torch.Generator().manual_seed(0)
+        self.index = 0
+
+    def step(self) -> float:
+        from trainer_core import flow
+
+        x0 = self.cache.latent(self.index % len(self.cache))[None].to(self.device, self.dtype)
+        hidden, pooled = (t[None].to(self.device, self.dtype) for t in self.cache.text(0))
+        self.index += 1
+        noise = torch.randn(x0.shape, generator=self.generator).to(self.device, self.dtype)
+        sigma = torch.sigmoid(torch.randn(1, generator=self.generator)).to(self.device)
+        x_t = ((1 - sigma) * x0 + sigma * noise).to(self.dtype)
+        _, _, h, w = x0.shape
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            pred = self.model(
+                hidden_states=flow.pack_latents(x_t), encoder_hidden_states=hidden, pooled_projections=pooled,
+                timestep=sigma.to(self.dtype), img_ids=flow.latent_image_ids(h, w, device=self.device),
+                txt_ids=flow.text_ids(hidden.shape[1], device=self.device),
+                guidance=torch.ones(1, device=self.device, dtype=self.dtype) if self.model.config.guidance_embeds else None,
+                return_dict=False,
+            )[0]
+        loss = F.mse_loss(flow.unpack_latents(pred.float(), h, w), (noise - x0).float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+# ----- measurement -----
+
+@dataclass
+class RowSpec:
+    label: str
+    kind: str  # "ours" or "baseline"
+    resolution: int
+    model: str = "flux1-dev"
+    device: str = "cuda"
+    preset: str = "none"
+    overrides: dict = field(default_factory=dict)
+    cap_gib: float = 0.0  # cap the process's VRAM (a card of that size)
+    checkpointing: bool = True  # baseline only
+    compute_dtype: str = "bf16"
+    rank: int = 16
+    warmup: int = 3
+    steps: int = 10
+
+
+def peak_bf16_matmul_tflops(device="cuda", size: int = 8192, iters: int = 50) -> float:
+    """Best measured bf16 matmul throughput (the MFU denominator)."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    torch.cuda.synchronize()
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        torch.cuda.synchronize()
+        best = max(best, 2 * size**3 * iters / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+def _rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux reports KiB
+
+
+def measure(spec: RowSpec) -> dict:
+    """Build, warm up and time one configuration; runs in a fresh process so peaks are its own."""
+    from trainer_core import memory
+
+    torch.manual_seed(0)
+    cuda = spec.device == "cuda"
+    if cuda and spec.cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec.cap_gib * GiB / total))
+    config = model_config(spec.model)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec.compute_dtype]
+    text_tokens = 512 if spec.model != "tiny" else 16
+    cache = SyntheticCache(spec.resolution, text_tokens=text_tokens, text_dim=config["joint_attention_dim"],
+                           pooled_dim=config["pooled_projection_dim"])
+    result = dict(label=spec.label, kind=spec.kind, resolution=spec.resolution, preset=spec.preset)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    if spec.kind == "ours":
+        workload = memory.Workload(config, spec.resolution, 1, spec.rank, "attention", "adamw", text_tokens,
+                                   spec.compute_dtype)
+        free = int(spec.cap_gib * GiB) if spec.cap_gib else None
+        mem = memory.resolve_preset(spec.preset, {"batch_size": 1, **spec.overrides}, free, workload)
+        estimate = workload.estimate(mem)
+        model = random_flux(config, "cpu", dtype)
+        step, close = our_step(model, cache, mem, rank=spec.rank, device=spec.device,
+                               compute_dtype=spec.compute_dtype, optimizer="adamw")
+        result.update(tier=mem.preset, knobs=_knobs(mem), estimate_gib=estimate.total / GiB,
+                      swapped=mem.blocks_to_swap and min(mem.blocks_to_swap, estimate.blocks_total))
+    else:
+        model = random_flux(config, spec.device, dtype)
+        loop = BaselineLoop(model, cache, rank=spec.rank, device=spec.device, dtype=dtype,
+                            checkpointing=spec.checkpointing)
+        step, close = loop.step, (lambda: None)
+        result.update(tier="-", knobs=f"{spec.compute_dtype} base + LoRA, "
+                      + ("checkpointing, " if spec.checkpointing else "") + "autocast, AdamW", swapped=0)
+    times, losses = [], []
+    for _ in range(spec.warmup + spec.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        losses.append(step())
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    close()
+    result.update(
+        seconds=statistics.median(times[spec.warmup:]),
+        finite=all(math.isfinite(x) for x in losses),
+        rss_gib=_rss_gib(),
+    )
+    if cuda:
+        result.update(peak_gib=torch.cuda.max_memory_allocated() / GiB,
+                      reserved_gib=torch.cuda.max_memory_reserved() / GiB)
+    return result
+
+
+def _knobs(mem) -> str:
+    parts = [f"{mem.base_precision} base"]
+    if mem.blocks_to_swap:
+        parts.append(f"swap {mem.blocks_to_swap}")
+    if mem.gradient_checkpointing:
+        parts.append("checkpointing")
+    if mem.offload_activations:
+        parts.append("activations→host")
+    if mem.compile_blocks:
+        parts.append("compile")
+    parts.append(mem.optimizer or "adamw")
+    return ", ".join(parts)
+
+
+def machine(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import diffusers
+
+    parts = [f"CPU {cpu} ({torch.get_num_threads()} threads)"]
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        parts.insert(0, f"GPU {props.name} ({props.total_memory / GiB:.0f} GiB)")
+    parts.append(f"torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}")
+    return "; ".join(parts)

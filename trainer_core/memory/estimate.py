@@ -1,0 +1,292 @@
+"""Peak-VRAM estimate of a FLUX LoRA training step, before anything is loaded.
+
+Weights, LoRA, gradients, optimizer state and swap slots are counted exactly from the module shapes of the
+model config (built on the meta device, so nothing is allocated) and the storage rules of ``precision``.
+Activations are counted in units of one token-row of hidden states, ``u = batch · tokens · hidden · 2``
+bytes (tokens = image + text): with flash attention every saved tensor of a block scales with it.
+
+The per-block coefficients were measured by tracking the bytes of every tensor alive during a training step
+of narrow FLUX blocks (head dim 128, hidden 512 and 1024: the same values in units of u) with this package's
+own layers and re-entrant checkpoints, then lowered by 2 u per block for CUDA, whose fused RMSNorm keeps
+the bf16 input for backward where the CPU composite keeps an fp32 copy. The GPU benchmark prints the
+estimate next to the measured peak for every preset.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import MemoryConfig
+from .swap import spread
+
+GiB = 2**30
+MiB = 2**20
+
+# Per block, in units of u. S: tensors kept from forward to backward without checkpointing. P: peak of one
+# block's recomputation + backward above what was live before it (checkpointing). Q: transient on top of the
+# saved tensors without checkpointing. Keys: LoRA target preset (custom regexes use the largest, "all+ffs").
+_COEFFS = {  # (S_double, S_single, P_double, P_single, Q_double, Q_single), CPU measurement
+    "attention": (15.6, 14.3, 22.6, 29.3, 7.2, 13.0),
+    "attention+ffs": (21.2, 19.6, 28.6, 31.8, 7.3, 10.1),
+    "mmdit": (15.6, 12.4, 22.6, 29.3, 7.2, 13.0),
+    "all": (19.9, 21.6, 26.1, 32.7, 6.3, 9.1),
+    "all+ffs": (25.0, 23.8, 32.5, 32.9, 6.4, 9.1),
+    "context": (15.6, 12.4, 22.6, 29.3, 7.2, 13.0),
+    "context+ffs": (21.2, 12.4, 28.6, 29.3, 7.3, 13.0),
+}
+_CUDA_RMSNORM_SAVING = 2.0  # u per block: fused RMSNorm on CUDA keeps bf16 inputs, not fp32 copies
+_MISC_ACTIVATIONS = 1.5  # u: embedders' outputs, final norm, loss
+_OFFLOAD_IN_FLIGHT = 3.0  # u: inputs of the block computing, one being written out, two fetched ahead
+_CUDA_OVERHEAD = 64 * MiB  # cuBLAS workspaces and small buffers the caching allocator also counts
+
+_NF4_OVERHEAD_PER_LAYER = 1092  # bytes: nf4 code table (64), nested code table (1024), offset (4)
+
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+
+
+@dataclass
+class VramEstimate:
+    """Predicted peak of ``torch.cuda.max_memory_allocated`` for one training step (bytes)."""
+
+    weights: int  # resident frozen base (and everything outside the blocks)
+    swap_slots: int
+    lora: int
+    grads: int
+    optimizer: int
+    activations: int
+    transient: int  # the largest temporary weight copy (fp8/nf4 dequantised for a matmul)
+    overhead: int
+    blocks_swapped: int = 0
+    blocks_total: int = 0
+    tokens: int = 0
+    resolution: tuple[int, int] = (0, 0)
+    batch_size: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return (self.weights + self.swap_slots + self.lora + self.grads + self.optimizer + self.activations
+                + self.transient + self.overhead)
+
+    @property
+    def total_gib(self) -> float:
+        return self.total / GiB
+
+    def summary(self) -> str:
+        w, h = self.resolution
+        rows = [
+            ("base weights on GPU", self.weights),
+            (f"swap slots ({self.blocks_swapped} of {self.blocks_total} blocks in host RAM)", self.swap_slots),
+            ("LoRA weights + grads", self.lora + self.grads),
+            ("optimizer state", self.optimizer),
+            ("activations", self.activations),
+            ("temporaries", self.transient + self.overhead),
+        ]
+        lines = [f"VRAM estimate at {w}×{h}, batch {self.batch_size}: {self.total_gib:.2f} GiB peak"]
+        lines += [f"  {name}: {value / GiB:.2f} GiB" for name, value in rows if value]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _meta_model(model_config: dict | None) -> nn.Module:
+    """The model's module tree on the meta device (shapes only), cached per config."""
+    if model_config is None:
+        from ..models.flux import flux_config
+
+        model_config = flux_config("flux1-dev")
+    config = {k: v for k, v in model_config.items() if not k.startswith("_")}
+    return _meta_model_cached(json.dumps(config, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_model_cached(config_json: str) -> nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        return FluxTransformer2DModel(**json.loads(config_json))
+
+
+def _linear_bytes(linear: nn.Linear, precision: str, compute_bytes: int) -> int:
+    """Bytes of one frozen block linear in the storage ``precision`` (bias in the compute dtype)."""
+    n = linear.weight.numel()
+    bias = linear.out_features * compute_bytes if linear.bias is not None else 0
+    if precision == "fp8":
+        return n + bias
+    if precision == "nf4":  # packed 4-bit + nested 8-bit absmax per 64 + fp32 absmax per 256 of those
+        blocks = -(-n // 64)
+        return -(-n // 2) + blocks + -(-blocks // 256) * 4 + _NF4_OVERHEAD_PER_LAYER + bias
+    if precision == "int8":
+        return n + linear.out_features * 4 + bias
+    return n * DTYPE_BYTES.get(precision, compute_bytes) + bias
+
+
+def block_bytes(block: nn.Module, precision: str, compute_bytes: int) -> int:
+    """Bytes of a transformer block's frozen weights in the given storage precision."""
+    total = 0
+    for module in block.modules():
+        if isinstance(module, nn.Linear):
+            total += _linear_bytes(module, precision, compute_bytes)
+        else:
+            total += sum(p.numel() for p in module.parameters(recurse=False)) * compute_bytes
+    return total
+
+
+def _swap_block_bytes(block: nn.Module, precision: str, compute_bytes: int) -> int:
+    """Slot bytes of a block as the swap ring lays it out (every tensor aligned to 512 bytes)."""
+    align = lambda n: -(-n // 512) * 512  # noqa: E731
+    total = 0
+    for module in block.modules():
+        if isinstance(module, nn.Linear):
+            n, out = module.weight.numel(), module.out_features
+            bias = align(out * compute_bytes) if module.bias is not None else 0
+            if precision == "fp8":
+                total += align(n) + bias
+            elif precision == "nf4":  # + code table (64 B), offset (4 B), nested code table (1 KiB)
+                blocks = -(-n // 64)
+                total += align(-(-n // 2)) + align(blocks) + align(-(-blocks // 256) * 4) + 2048 + bias
+            elif precision == "int8":
+                total += align(n) + align(out * 4) + bias
+            else:
+                total += align(n * DTYPE_BYTES.get(precision, compute_bytes)) + bias
+        else:
+            total += sum(align(p.numel() * compute_bytes) for p in module.parameters(recurse=False))
+    return total
+
+
+def _targeted_linears(model: nn.Module, targets: str) -> list[nn.Linear]:
+    from ..lora import resolve_targets
+
+    pattern = re.compile(resolve_targets(targets))
+    return [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(name)]
+
+
+def _optimizer_bytes(n_params: int, optimizer: str, lora_bytes: int) -> int:
+    if optimizer == "adamw8bit":  # two uint8 states + one fp32 absmax per 256 values each
+        return 2 * n_params + 2 * 4 * (-(-n_params // 256))
+    return 2 * n_params * lora_bytes  # exp_avg and exp_avg_sq in the parameters' dtype
+
+
+def estimate_vram(
+    model_config: dict | None = None,
+    mem: MemoryConfig | None = None,
+    *,
+    resolution: int | tuple[int, int] = 1024,
+    batch_size: int | None = None,
+    rank: int = 16,
+    targets: str = "attention",
+    optimizer: str | None = None,
+    text_tokens: int = 512,
+    compute_dtype: str = "bf16",
+    device_type: str = "cuda",
+) -> VramEstimate:
+    """Predict peak allocated VRAM of a training step.
+
+    ``model_config``: diffusers FluxTransformer2DModel config (default FLUX.1-dev); ``mem``: resolved
+    memory knobs (``mem.batch_size`` / ``mem.optimizer`` win over the arguments when set); ``resolution``:
+    image side or (width, height) in pixels; ``text_tokens``: T5 sequence length.
+    """
+    mem = mem or MemoryConfig()
+    batch = mem.batch_size or batch_size or 1
+    optimizer = mem.optimizer or optimizer or "adamw"
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+    model = _meta_model(model_config)
+    cb = DTYPE_BYTES[compute_dtype]
+    lb = DTYPE_BYTES[mem.lora_dtype]
+    precision = mem.base_precision
+    blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+    n_double = len(model.transformer_blocks)
+    swapped = set(spread(mem.blocks_to_swap, len(blocks)))
+
+    outside = sum(p.numel() for name, p in model.named_parameters()
+                  if not name.startswith(("transformer_blocks.", "single_transformer_blocks.")))
+    weights = outside * cb + sum(block_bytes(b, precision, cb) for i, b in enumerate(blocks) if i not in swapped)
+    slots = 0
+    if swapped:
+        n_slots = min(mem.prefetch_blocks + 1, len(swapped))
+        slots = n_slots * max(_swap_block_bytes(blocks[i], precision, cb) for i in swapped)
+
+    lora_params = sum(rank * (m.in_features + m.out_features) for m in _targeted_linears(model, targets))
+    lora = lora_params * lb
+    grads = lora_params * lb
+    opt = _optimizer_bytes(lora_params, optimizer, lb)
+
+    hidden = model.inner_dim
+    image_tokens = (height // 16) * (width // 16)
+    tokens = image_tokens + text_tokens
+    u = batch * tokens * hidden * 2
+    s_d, s_s, p_d, p_s, q_d, q_s = _COEFFS.get(targets, _COEFFS["all+ffs"])
+    if device_type == "cuda":
+        s_d, s_s, p_d, p_s = (c - _CUDA_RMSNORM_SAVING for c in (s_d, s_s, p_d, p_s))
+    n_single = len(blocks) - n_double
+    peak_block = max(p_d if n_double else 0, p_s if n_single else 0)
+    if mem.gradient_checkpointing:
+        resident = [i for i in range(len(blocks)) if i not in swapped]
+        kept = resident[len(resident) - min(mem.uncheckpointed_blocks, len(resident)):]
+        n_checkpointed = len(blocks) - len(kept)
+        saved = sum(s_d if i < n_double else s_s for i in kept)
+        inputs = ((_OFFLOAD_IN_FLIGHT if mem.offload_activations else n_checkpointed) + saved) * u
+        if kept:
+            peak_block = max(peak_block if n_checkpointed else 0, q_d if kept[0] < n_double else q_s)
+        # Saved block inputs drain while LoRA gradients fill during backward: the peak is at one end.
+        activations = int(_MISC_ACTIVATIONS * u + peak_block * u + max(inputs, grads)) - grads
+    else:
+        saved = n_double * s_d + n_single * s_s
+        activations = int((_MISC_ACTIVATIONS + saved + max(q_d if n_double else 0, q_s if n_single else 0)) * u)
+
+    transient = 0
+    if precision in ("fp8", "nf4", "int8") or DTYPE_BYTES.get(precision, cb) != cb:
+        biggest = max(m.weight.numel() for b in blocks for m in b.modules() if isinstance(m, nn.Linear))
+        transient = biggest * cb  # one weight in the compute dtype at a time
+        if precision == "int8":  # int32 matmul output and the dequantised weight for backward
+            transient = 2 * biggest * cb + 8 * u
+    notes = []
+    if mem.compile_blocks:
+        notes.append("torch.compile usually lowers activation memory; the estimate does not count on it")
+    return VramEstimate(
+        weights=weights, swap_slots=slots, lora=lora, grads=grads, optimizer=opt, activations=activations,
+        transient=transient, overhead=_CUDA_OVERHEAD if device_type == "cuda" else 0,
+        blocks_swapped=len(swapped), blocks_total=len(blocks), tokens=tokens, resolution=(width, height),
+        batch_size=batch, notes=notes,
+    )
+
+
+def flux_forward_flops(model_config: dict | None = None, *, resolution: int | tuple[int, int] = 1024,
+                       batch_size: int = 1, text_tokens: int = 512, rank: int = 0, targets: str = "attention") -> int:
+    """Forward FLOPs of one FLUX call: 2·MACs of every linear layer on its tokens, plus attention (QKᵀ and AV)."""
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+    model = _meta_model(model_config)
+    image, text = (height // 16) * (width // 16), text_tokens
+    tokens = image + text
+    d = model.inner_dim
+    flops = 0
+    for block in model.transformer_blocks:
+        for name, m in block.named_modules():
+            if isinstance(m, nn.Linear):
+                if name.startswith(("norm1.", "norm1_context.")):
+                    rows = 1  # modulation: one row per sample
+                elif name.startswith(("attn.add_", "attn.to_add_out", "ff_context.")):
+                    rows = text
+                else:
+                    rows = image
+                flops += 2 * rows * m.in_features * m.out_features
+        flops += 4 * tokens * tokens * d
+    for block in model.single_transformer_blocks:
+        for name, m in block.named_modules():
+            if isinstance(m, nn.Linear):
+                rows = 1 if name.startswith("norm.") else tokens
+                flops += 2 * rows * m.in_features * m.out_features
+        flops += 4 * tokens * tokens * d
+    rows_outside = {"x_embedder": image, "proj_out": image, "context_embedder": text}  # the rest: one row
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and not name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+            flops += 2 * rows_outside.get(name, 1) * m.in_features * m.out_features
+    if rank:
+        lora_macs = sum(rank * (m.in_features + m.out_features) for m in _targeted_linears(model, targets))
+        flops += 2 * tokens * lora_macs  # approximate: every LoRA layer on all tokens
+    return batch_size * flops
