@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from trainer_core.cli import main
+from trainer_core.cli import SAMPLES_DIR, main
 from trainer_core.config import RunConfig, load_run_config
 from trainer_core.errors import TrainerInputError
 
@@ -52,3 +52,52 @@ def test_train_command_names_missing_model_file(tmp_path, capsys):
     assert main(["train", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "transformer" in err and "nope.safetensors" in err
+
+
+def test_train_command_trains_from_model_files_on_disk(tmp_path, capsys):
+    """The headless path end to end: BFL transformer file, diffusers VAE folder, encoder folders + tokenizers."""
+    from safetensors.torch import save_file
+
+    from trainer_core.models.flux import diffusers_to_bfl
+    from trainer_core.models.tiny import TINY_T5_MAX_LENGTH, build_tiny_text_encoder, build_tiny_transformer, \
+        build_tiny_vae
+
+    models = tmp_path / "models"
+    models.mkdir()
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in
+               diffusers_to_bfl(build_tiny_transformer(seed=0).state_dict()).items()}, str(models / "flux.safetensors"))
+    build_tiny_vae(seed=0).vae.save_pretrained(models / "vae")
+    text = build_tiny_text_encoder(seed=0)
+    text.clip_model.save_pretrained(models / "clip_l")
+    text.t5_model.save_pretrained(models / "t5")
+    text.clip_tokenizer.save_pretrained(models / "tokenizers" / "clip")
+    text.t5_tokenizer.save_pretrained(models / "tokenizers" / "t5")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f"""
+[model]
+transformer = "{(models / 'flux.safetensors').as_posix()}"
+vae = "{(models / 'vae').as_posix()}"
+clip_l = "{(models / 'clip_l').as_posix()}"
+t5 = "{(models / 't5').as_posix()}"
+tokenizers = "{(models / 'tokenizers').as_posix()}"
+t5_max_length = {TINY_T5_MAX_LENGTH}
+[dataset]
+folder = "{SAMPLES_DIR.as_posix()}"
+resolutions = [64]
+allow_upscale = true
+[train]
+compute_dtype = "fp32"
+checkpoint_every = 0
+[sample]
+width = 64
+height = 64
+steps = 4
+[output]
+folder = "{(tmp_path / 'out').as_posix()}"
+""")
+    assert main(["train", "--config", str(cfg), "--steps", "6", "--name", "mine", "--device", "cpu"]) == 0
+    from trainer_core.lora import read_lora_file
+
+    state, meta = read_lora_file(tmp_path / "out" / "mine.safetensors")
+    assert meta["base_model"] == "flux.safetensors" and meta["steps"] == "6" and meta["resolutions"] == "64"
+    assert (tmp_path / "out" / "samples.png").is_file()

@@ -92,9 +92,11 @@ def test_swapped_and_offloaded_training_matches_unswapped_exactly(precision, wid
 
 def test_swap_ring_streams_every_block_and_restores_the_model_on_close(wide_base):
     ref_outs, ref_grads, *_ = _run(MemoryConfig(gradient_checkpointing=True), base=wide_base)
-    for swap, prefetch in [(3, 1), (3, 2), (1, 1)]:  # all blocks, a deeper ring, a single block
-        outs, grads, stats, _, model = _run(
-            MemoryConfig(gradient_checkpointing=True, blocks_to_swap=swap, prefetch_blocks=prefetch), base=wide_base)
+    # all blocks, a deeper ring, one block (with the two resident ones keeping their activations)
+    for swap, prefetch, kept in [(3, 1, 0), (3, 2, 0), (1, 1, 2)]:
+        outs, grads, stats, _, model = _run(MemoryConfig(gradient_checkpointing=True, blocks_to_swap=swap,
+                                                         prefetch_blocks=prefetch, uncheckpointed_blocks=kept),
+                                            base=wide_base)
         assert all(torch.equal(a, b) for a, b in zip(outs, ref_outs))
         assert all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads)
         assert stats.demand_loads == 0
@@ -102,10 +104,13 @@ def test_swap_ring_streams_every_block_and_restores_the_model_on_close(wide_base
         assert all(p.numel() > 0 for p in model.parameters())
 
 
-def test_unloaded_blocks_hold_no_weights_between_uses(wide_base):
-    model, handle = _prepared(MemoryConfig(gradient_checkpointing=True, blocks_to_swap=3), base=wide_base)
+def test_unloaded_blocks_and_offloaded_inputs_hold_nothing_between_uses(wide_base):
+    model, handle = _prepared(MemoryConfig(gradient_checkpointing=True, blocks_to_swap=3, offload_activations=True),
+                              base=wide_base)
     try:
         _loss(model, _batch(), torch.float32).backward()
+        assert handle.offloader.bytes_offloaded > 0
+        assert all(saved.device_copy is None for saved in handle.offloader._saved)  # fetched copies were let go
         blocks = memory.transformer_blocks(model)
         sizes = [sum(p.numel() for p in b.parameters() if not p.requires_grad) for b in blocks]
         # only the ring's slots keep blocks loaded (the one held for the next step's first block)
@@ -322,8 +327,8 @@ class _LiveBytes(TorchDispatchMode):
                 del self.live[key]
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_estimated_activation_memory_matches_measured_on_cpu(checkpointing):
+@pytest.mark.parametrize("checkpointing, kept", [(False, 0), (True, 0), (True, 3)])
+def test_estimated_activation_memory_matches_measured_on_cpu(checkpointing, kept):
     """Narrow full-head-size blocks: the activation coefficients (per token-row of hidden states) hold."""
     config = dict(flux_config("flux1-dev"), num_layers=2, num_single_layers=3, num_attention_heads=4,
                   joint_attention_dim=64, pooled_projection_dim=64)
@@ -332,7 +337,7 @@ def test_estimated_activation_memory_matches_measured_on_cpu(checkpointing):
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(**config)
-    mem = MemoryConfig(gradient_checkpointing=checkpointing)
+    mem = MemoryConfig(gradient_checkpointing=checkpointing, uncheckpointed_blocks=kept)
     dtype = torch.bfloat16
     memory.prepare_base(model, mem, dtype)
     lora.add_lora(model, LoraConfig(rank=16, targets="attention"))

@@ -47,7 +47,7 @@ def save(tensors, path):
 
 @pytest.fixture(scope="module")
 def source():
-    model = tiny.build_tiny_transformer(seed=3)
+    model = tiny.build_tiny_transformer(seed=3, prior_init=False)  # every tensor random: conversion shows
     return model, {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -119,8 +119,10 @@ def test_module_mapping_names_the_rows_of_fused_weights(source):
                                                                                  slice(9216, 21504))
     assert flux.diffusers_module_to_bfl("transformer_blocks.0.ff.net.2") == ("double_blocks.0.img_mlp.2", None)
     modules = {k.rsplit(".", 1)[0] for k in sd if k.endswith(".weight") and not k.startswith("norm_out")}
+    config = tiny.tiny_flux_config()
+    model_width = config["num_attention_heads"] * config["attention_head_dim"]
     for module in modules:  # every tiny module's weight is exactly those rows of the BFL tensor
-        bfl_module, rows = flux.diffusers_module_to_bfl(module, inner_dim=32)
+        bfl_module, rows = flux.diffusers_module_to_bfl(module, inner_dim=model_width)
         fused = bfl[bfl_module + (".scale" if re.search(r"norm_(added_)?[qk]$", module) else ".weight")]
         assert torch.equal(fused if rows is None else fused[rows], sd[module + ".weight"]), module
     for bad in ("norm_out.linear", "transformer_blocks.0.attn.nonsense", "unet.conv_in"):

@@ -70,9 +70,12 @@ def save_image_grid(rows: list[torch.Tensor], path: Path) -> Path:
     return Path(path)
 
 
-def run_training(transformer, vae, text_encoder, run: RunConfig, out: Path, device, base_name: str,
+def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path, device, base_name: str,
                  metrics_path: Path | None = None) -> int:
-    """Cache → train → ``samples.png`` (base vs LoRA on the same noise) and ``loss.png`` next to the LoRA."""
+    """Cache → free the text encoders → load the transformer → train → ``samples.png`` and ``loss.png``.
+
+    ``load_transformer`` is called only once the text encoders are gone, so the two never share memory.
+    """
     from .data.cache import build_cache, build_prompt_cache
     from .data.dataset import scan_dataset
     from .metrics import plot_loss
@@ -85,7 +88,9 @@ def run_training(transformer, vae, text_encoder, run: RunConfig, out: Path, devi
     log.info("cache: %d items (%d reused, %d encoded) in %s", len(cache), cache.reused, cache.encoded, cache_dir)
     prompts = run.sample.prompts or sorted(set(cache.captions))[:4]
     validation = ValidationPrompts(build_prompt_cache(prompts, text_encoder, cache_dir), run.sample)
-    del text_encoder  # everything is cached now; only the VAE (for samples) and the transformer stay
+    del text_encoder  # everything is cached now: the encoders can go before the transformer arrives
+    vae.vae.to("cpu")
+    transformer = load_transformer()
 
     callbacks = TqdmCallbacks(run.train.steps)
     try:
@@ -108,13 +113,20 @@ def run_training(transformer, vae, text_encoder, run: RunConfig, out: Path, devi
     before = sample_validation(transformer, validation, device, dtype)
     transformer.enable_adapters()
     after = sample_validation(transformer, validation, device, dtype)
-    with torch.no_grad():
-        grid = save_image_grid([vae.decode(before), vae.decode(after)], out / "samples.png")
+    rows = [vae.decode(before), vae.decode(after)]
+    # where a prompt is a training caption, show that training image (as the VAE sees it) above the samples
+    by_caption = {c: i for i, c in enumerate(cache.captions) if cache.sizes[i] == (run.sample.width, run.sample.height)}
+    if all(p in by_caption for p in prompts):
+        rows.insert(0, vae.decode(torch.stack([cache.latent(by_caption[p]) for p in prompts]).float()))
+    grid = save_image_grid(rows, out / "samples.png")
     loss_png = plot_loss(result.losses, out / "loss.png")
     tail = result.losses[-10:]
+    legend = "rows: training image, base model, with the LoRA" if len(rows) == 3 else "rows: base model, with the LoRA"
     print(f"LoRA:    {result.lora_path}")
-    print(f"samples: {grid}  (top row: base model, bottom row: with the LoRA)")
+    print(f"samples: {grid}  ({legend}; same prompts and noise)")
     print(f"loss:    {loss_png}  first {result.losses[0]:.4f}, last (mean of last {len(tail)}) {sum(tail) / len(tail):.4f}")
+    if metrics_path:
+        print(f"metrics: {metrics_path}")
     return 0
 
 
@@ -134,7 +146,7 @@ def cmd_demo(args) -> int:
     run.output.overwrite = True
     print(f"demo: tiny FLUX-architecture model, {len(list(SAMPLES_DIR.glob('*.png')))} bundled images, "
           f"{args.steps} steps on {args.device} → {out}")
-    return run_training(build_tiny_transformer(seed=args.seed), build_tiny_vae(seed=args.seed),
+    return run_training(lambda: build_tiny_transformer(seed=args.seed), build_tiny_vae(seed=args.seed),
                         build_tiny_text_encoder(seed=args.seed), run, out, torch.device(args.device),
                         "tiny-flux (demo)", metrics_path=out / "metrics.jsonl")
 
@@ -179,11 +191,14 @@ def cmd_train(args) -> int:
     out = Path(run.output.folder)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if run.train.compute_dtype == "bf16" else torch.float32
-    text_encoder = load_text_encoders(paths.clip_l, paths.t5, tokenizer_dir=paths.tokenizers or None)
-    vae = load_vae(paths.vae)
-    transformer = load_flux_transformer(paths.transformer, dtype=dtype)
     base_name = paths.base_name or Path(paths.transformer).name
-    return run_training(transformer, vae, text_encoder, run, out, device, base_name)
+    return run_training(
+        lambda: load_flux_transformer(paths.transformer, dtype=dtype),
+        load_vae(paths.vae, device=device),
+        load_text_encoders(paths.clip_l, paths.t5, tokenizer_dir=paths.tokenizers or None,
+                           t5_max_length=paths.t5_max_length, device=device),
+        run, out, device, base_name,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

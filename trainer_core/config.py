@@ -17,8 +17,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_FALLBACKS = ("stem", "trigger")
 CROP_MODES = ("center", "random")
 TIMESTEP_SAMPLERS = ("uniform", "sigmoid", "shift", "flux_shift")
-OPTIMIZERS = ("adamw", "adamw8bit")
-SCHEDULERS = ("constant", "constant_with_warmup", "cosine")
+OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit", "paged_adamw8bit", "adafactor", "prodigy")
+SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "polynomial", "linear")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+ALGORITHMS = ("lora", "lokr", "loha", "oft")
+TEXT_ENCODER_TARGETS = ("none", "clip_l", "t5", "both")
+EXPORT_FORMATS = ("kohya", "comfy")
 COMPUTE_DTYPES = ("bf16", "fp32")
 BASE_PRECISIONS = ("auto", "bf16", "fp32", "fp8", "nf4", "int8")  # auto = stored in the compute dtype
 LORA_DTYPES = ("fp32", "bf16")
@@ -48,9 +52,13 @@ class DatasetConfig:
     repeats: int = 1
     allow_upscale: bool = False  # refuse images that would need enlarging for the smallest resolution
     seed: int = 0
+    masked_loss: bool = False  # weight the loss by a grey-scale mask <stem><mask_suffix>.png next to each image
+    mask_suffix: str = "_mask"
 
     def validate(self) -> "DatasetConfig":
         _check_choice("dataset", "caption_fallback", self.caption_fallback, CAPTION_FALLBACKS)
+        if self.masked_loss and not self.mask_suffix.strip():
+            raise TrainerInputError("dataset.mask_suffix: masked_loss needs a suffix naming the masks, e.g. '_mask'.")
         _check_choice("dataset", "crop", self.crop, CROP_MODES)
         _check_positive("dataset", "repeats", self.repeats)
         if not self.resolutions:
@@ -70,6 +78,16 @@ class LoraConfig:
     alpha: float = 16.0
     targets: str = "attention+ffs"  # a preset name from lora.TARGET_PRESETS, or a regex over module names
     dropout: float = 0.0
+    algorithm: str = "lora"  # lora, lokr, loha or oft (peft); for oft, rank is the block size
+    use_dora: bool = False  # DoRA (weight-decomposed LoRA); algorithm lora only
+    rank_pattern: str = ""  # per-module ranks: "regex=rank, …" over module names, e.g. "proj_mlp=8"
+    alpha_pattern: str = ""  # per-module alphas, same form
+    lokr_factor: int = -1  # LoKr Kronecker factor; -1 = as square as possible
+    init_from: str = ""  # warm start: a LoRA file (this trainer's, kohya or ComfyUI format) with the same targets
+    export_formats: list[str] = field(default_factory=list)  # extra files besides the default: "kohya", "comfy"
+    text_encoders: str = "none"  # also train a LoRA on: none, clip_l, t5 or both
+    text_encoder_rank: int = 8
+    text_encoder_alpha: float = 8.0
 
     def validate(self) -> "LoraConfig":
         if self.rank <= 0:
@@ -78,6 +96,17 @@ class LoraConfig:
             raise TrainerInputError(f"lora.alpha: must be > 0 (commonly equal to rank), got {self.alpha}.")
         if not 0 <= self.dropout < 1:
             raise TrainerInputError(f"lora.dropout: must be in [0, 1), got {self.dropout}.")
+        _check_choice("lora", "algorithm", self.algorithm, ALGORITHMS)
+        _check_choice("lora", "text_encoders", self.text_encoders, TEXT_ENCODER_TARGETS)
+        if self.use_dora and self.algorithm != "lora":
+            raise TrainerInputError(f"lora.use_dora: DoRA applies to algorithm 'lora' only, not "
+                                    f"'{self.algorithm}'. Turn use_dora off or set algorithm = 'lora'.")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise TrainerInputError(f"lora.lokr_factor: must be -1 (automatic) or ≥ 1, got {self.lokr_factor}.")
+        _check_positive("lora", "text_encoder_rank", self.text_encoder_rank)
+        _check_positive("lora", "text_encoder_alpha", self.text_encoder_alpha)
+        for fmt in self.export_formats:
+            _check_choice("lora", "export_formats", fmt, EXPORT_FORMATS)
         return self
 
 
@@ -89,8 +118,20 @@ class TrainConfig:
     gradient_accumulation: int = 1
     optimizer: str = "adamw"
     weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=list)  # empty = the optimizer's own defaults
+    eps: float = 0.0  # 0 = the optimizer's own default
+    optimizer_args: str = ""  # extra optimizer settings, "name=value, …" (e.g. "d_coef=2" for Prodigy)
+    text_encoder_lr: float = 0.0  # learning rate of text-encoder LoRAs; 0 = learning_rate
     scheduler: str = "constant"
     warmup_steps: int = 0
+    scheduler_cycles: int = 1  # cosine_with_restarts: number of hard restarts
+    scheduler_power: float = 1.0  # polynomial: decay power
+    loss_type: str = "l2"
+    huber_c: float = 0.1  # huber / smooth_l1: where the loss turns from quadratic to linear
+    caption_dropout: float = 0.0  # chance a sample trains with an empty caption
+    shuffle_tags: bool = False  # shuffle comma-separated caption tags every time a caption is used
+    keep_tags: int = 1  # leading tags that keep their place when shuffling (the trigger word comes first)
+    ema_decay: float = 0.0  # EMA of the LoRA weights (saved as <name>_ema); 0 = off, typical 0.999
     max_grad_norm: float = 1.0  # 0 disables clipping
     compute_dtype: str = "bf16"
     timestep_sampling: str = "flux_shift"
@@ -121,6 +162,26 @@ class TrainConfig:
         _check_choice("train", "scheduler", self.scheduler, SCHEDULERS)
         _check_choice("train", "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         _check_choice("train", "timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLERS)
+        _check_choice("train", "loss_type", self.loss_type, LOSS_TYPES)
+        _check_positive("train", "eps", self.eps, allow_zero=True)
+        _check_positive("train", "text_encoder_lr", self.text_encoder_lr, allow_zero=True)
+        _check_positive("train", "scheduler_cycles", self.scheduler_cycles)
+        _check_positive("train", "scheduler_power", self.scheduler_power)
+        _check_positive("train", "huber_c", self.huber_c)
+        _check_positive("train", "keep_tags", self.keep_tags, allow_zero=True)
+        for name in ("caption_dropout", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise TrainerInputError(f"train.{name}: must be in [0, 1), got {getattr(self, name)}.")
+        if self.betas and (len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas)):
+            raise TrainerInputError(f"train.betas: give two values in [0, 1), e.g. [0.9, 0.999], or none for the "
+                                    f"optimizer's defaults; got {self.betas}.")
+        if self.betas and self.optimizer == "adafactor":
+            raise TrainerInputError("train.betas: Adafactor has no betas. Leave betas empty and set "
+                                    "optimizer_args = 'beta1=0.9' (and decay_rate) instead.")
+        if self.eps and self.optimizer in ("adafactor", "lion8bit"):
+            raise TrainerInputError(f"train.eps: {self.optimizer} takes no single eps. Set eps = 0"
+                                    + (" (Adafactor's eps pair goes in optimizer_args)." if self.optimizer == "adafactor"
+                                       else "."))
         return self
 
 
@@ -197,6 +258,7 @@ class ModelPaths:
     clip_l: str = ""
     t5: str = ""
     tokenizers: str = ""  # folder holding clip/ and t5/ tokenizer files; empty = next to the encoders
+    t5_max_length: int = 512  # 512 for FLUX.1-dev, 256 for schnell
     base_name: str = ""  # recorded in LoRA metadata; defaults to the transformer file name
 
 

@@ -86,7 +86,7 @@ class ActivationOffloader:
             return saved
         if saved.device_copy is None:
             self._fetch(saved)
-        t = saved.device_copy
+        t, saved.device_copy = saved.device_copy, None  # the backward pass holds it only while it needs it
         if self.cuda:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(saved.ready)

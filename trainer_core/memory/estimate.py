@@ -160,10 +160,28 @@ def _swap_block_bytes(block: nn.Module, precision: str, compute_bytes: int) -> i
 
 
 def _targeted_linears(model: nn.Module, targets: str) -> list[nn.Linear]:
+    pattern = re.compile(_resolve(targets))
+    return [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(name)]
+
+
+def _lora_bytes_per_block(model: nn.Module, targets: str, rank: int, lora_bytes: int) -> list[int]:
+    pattern = re.compile(_resolve(targets))
+    sizes = []
+    for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
+        prefix = _block_names(model)[id(block)]
+        sizes.append(sum(rank * (m.in_features + m.out_features) * lora_bytes for name, m in block.named_modules()
+                         if isinstance(m, nn.Linear) and pattern.fullmatch(f"{prefix}.{name}")))
+    return sizes
+
+
+def _block_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): name for name, m in model.named_modules() if name.count(".") == 1 and "blocks." in name}
+
+
+def _resolve(targets: str) -> str:
     from ..lora import resolve_targets
 
-    pattern = re.compile(resolve_targets(targets))
-    return [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(name)]
+    return resolve_targets(targets)
 
 
 def _optimizer_bytes(n_params: int, optimizer: str, lora_bytes: int) -> int:
@@ -223,21 +241,29 @@ def estimate_vram(
     s_d, s_s, p_d, p_s, q_d, q_s = _COEFFS.get(targets, _COEFFS["all+ffs"])
     if device_type == "cuda":
         s_d, s_s, p_d, p_s = (c - _CUDA_RMSNORM_SAVING for c in (s_d, s_s, p_d, p_s))
-    n_single = len(blocks) - n_double
-    peak_block = max(p_d if n_double else 0, p_s if n_single else 0)
+    # Walk the backward pass block by block (last block first). Alive at each block: the saved inputs of the
+    # checkpointed blocks not yet reached (or, offloaded, the few in flight), everything saved by the
+    # uncheckpointed ones not yet reached, the LoRA gradients filled so far, and this block's own transient
+    # (P: recomputation + backward of a checkpointed block; Q: backward of one that kept its activations).
+    n_blocks = len(blocks)
     if mem.gradient_checkpointing:
-        resident = [i for i in range(len(blocks)) if i not in swapped]
-        kept = resident[len(resident) - min(mem.uncheckpointed_blocks, len(resident)):]
-        n_checkpointed = len(blocks) - len(kept)
-        saved = sum(s_d if i < n_double else s_s for i in kept)
-        inputs = ((_OFFLOAD_IN_FLIGHT if mem.offload_activations else n_checkpointed) + saved) * u
-        if kept:
-            peak_block = max(peak_block if n_checkpointed else 0, q_d if kept[0] < n_double else q_s)
-        # Saved block inputs drain while LoRA gradients fill during backward: the peak is at one end.
-        activations = int(_MISC_ACTIVATIONS * u + peak_block * u + max(inputs, grads)) - grads
+        resident = [i for i in range(n_blocks) if i not in swapped]
+        kept = set(resident[len(resident) - min(mem.uncheckpointed_blocks, len(resident)):])
     else:
-        saved = n_double * s_d + n_single * s_s
-        activations = int((_MISC_ACTIVATIONS + saved + max(q_d if n_double else 0, q_s if n_single else 0)) * u)
+        kept = set(range(n_blocks))
+    double = lambda i: i < n_double  # noqa: E731
+    held = {i: (s_d if double(i) else s_s) if i in kept else (0.0 if mem.offload_activations else 1.0)
+            for i in range(n_blocks)}
+    alive = _MISC_ACTIVATIONS + (_OFFLOAD_IN_FLIGHT if mem.offload_activations and len(kept) < n_blocks else 0.0)
+    alive += sum(held.values())
+    block_grads = _lora_bytes_per_block(model, targets, rank, lb)
+    grads_so_far, peak = 0, 0.0
+    for i in reversed(range(n_blocks)):
+        own = (q_d if double(i) else q_s) if i in kept else (p_d if double(i) else p_s)
+        peak = max(peak, (alive + own) * u + grads_so_far)
+        alive -= held[i]
+        grads_so_far += block_grads[i]
+    activations = int(peak) - grads
 
     transient = 0
     if precision in ("fp8", "nf4", "int8") or DTYPE_BYTES.get(precision, cb) != cb:

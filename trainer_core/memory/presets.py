@@ -9,9 +9,9 @@ tokens) on a card of that size, leaving room for the CUDA context and allocator 
 | 8gb  | fp8  | 45 of 57       | all 57                 | host RAM    | no      | 1     | adamw8bit | 4.3 / 3.7 GiB       |
 | 12gb | fp8  | 26 of 57       | all 57                 | GPU         | no      | 1     | adamw8bit | 9.3 / 7.8 GiB       |
 | 16gb | fp8  | 10 of 57       | all 57                 | GPU         | no      | 1     | adamw8bit | 12.5 / 11.0 GiB     |
-| 24gb | fp8  | 0              | 39 (last 18 keep theirs) | GPU       | no      | 1     | adamw     | 19.2 / 14.2 GiB     |
-| 48gb | bf16 | 0              | 13 (last 44 keep theirs) | GPU       | yes     | 1     | adamw     | 38.1 / 27.8 GiB     |
-| 80gb | bf16 | 0              | none                   | GPU         | yes     | 2     | adamw     | 61.7 / 35.6 GiB     |
+| 24gb | fp8  | 0              | 39 (last 18 keep theirs) | GPU       | no      | 1     | adamw     | 18.9 / 14.0 GiB     |
+| 48gb | bf16 | 0              | 13 (last 44 keep theirs) | GPU       | yes     | 1     | adamw     | 37.7 / 27.6 GiB     |
+| 80gb | bf16 | 0              | none                   | GPU         | yes     | 2     | adamw     | 61.6 / 35.5 GiB     |
 
 LoRA master weights are fp32 in every tier. ``auto`` takes the largest tier whose estimate fits the free
 VRAM (or ``vram_budget_gb``) for the actual resolution, batch, rank and targets. Any knob set explicitly

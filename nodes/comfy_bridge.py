@@ -1,0 +1,397 @@
+"""Adapters between ComfyUI's objects and trainer_core.
+
+ComfyUI's VAE / CLIP become trainer_core's ``ImageEncoder`` / ``TextEncoder``; a MODEL (ModelPatcher) becomes a
+BFL state dict for ``load_flux_transformer``; a trained LoRA becomes a MODEL through ComfyUI's own LoRA patching;
+progress, previews and the Cancel button are wired into the trainer's callbacks.
+
+ComfyUI modules are imported inside the functions that need them, so this file (and every node file) imports
+without ComfyUI: CI checks the schemas and the adapters with stand-in objects.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import os
+import time
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import torch
+from PIL import Image
+
+from ..trainer_core.errors import TrainerInputError
+from ..trainer_core.metrics import loss_curve_image
+from ..trainer_core.models.encoders import LATENT_CHANNELS, from_model_space, to_model_space
+
+if TYPE_CHECKING:  # trainer_core.train pulls in diffusers and peft: only imported when a node trains
+    from ..trainer_core.train import StepInfo
+
+log = logging.getLogger(__name__)
+
+ALLOW_PATHS_ENV = "FLUX_LORA_TRAINER_ALLOW_PATHS"  # "1": the dataset node may read any absolute folder
+WORK_FOLDER = "flux_lora_training"  # under ComfyUI's output folder: cache/ and checkpoints/
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folders
+
+def comfy_folders() -> tuple[Path, Path] | None:
+    """(input folder, output folder) of the running ComfyUI, or None outside ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        return None
+    return Path(folder_paths.get_input_directory()), Path(folder_paths.get_output_directory())
+
+
+def subfolders(root: Path | None) -> list[str]:
+    """Image folders a user can pick: every non-hidden subfolder of ``root`` (two levels), as relative paths."""
+    if root is None or not root.is_dir():
+        return []
+    found = []
+    for child in sorted(root.iterdir(), key=lambda p: p.name.lower()):
+        if child.is_dir() and not child.name.startswith("."):
+            found.append(child.name)
+            found += [f"{child.name}/{g.name}" for g in sorted(child.iterdir(), key=lambda p: p.name.lower())
+                      if g.is_dir() and not g.name.startswith(".")]
+    return found
+
+
+def resolve_dataset_folder(input_dir: Path, folder: str, custom_folder: str = "") -> Path:
+    """The folder to scan: ``custom_folder`` (an absolute path, only when allowed) or ``input_dir/folder``.
+
+    A relative choice may not leave the input folder (``..``, symlinks), so a shared server exposes nothing else.
+    """
+    if custom_folder.strip():
+        if os.environ.get(ALLOW_PATHS_ENV, "") != "1":
+            raise TrainerInputError(
+                f"custom_folder: reading folders outside ComfyUI's input folder is off. Put the images in a "
+                f"subfolder of {input_dir} and pick it in 'folder', or start ComfyUI with {ALLOW_PATHS_ENV}=1 "
+                f"to allow absolute paths."
+            )
+        path = Path(custom_folder.strip()).expanduser()
+        if not path.is_absolute():
+            raise TrainerInputError(f"custom_folder: '{custom_folder}' is not an absolute path; give the full path.")
+        return path
+    path = (input_dir / folder).resolve()
+    if not folder.strip() or not path.is_relative_to(input_dir.resolve()):
+        raise TrainerInputError(
+            f"folder: '{folder}' is not a subfolder of ComfyUI's input folder ({input_dir}). Create a subfolder "
+            f"there with your images and .txt captions, then pick it (refresh the page to list new folders)."
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fingerprints (cache keys): ComfyUI's weights may be quantized tensor subclasses or carry LoRA patches, which
+# trainer_core.models.encoders.weights_fingerprint (plain nn.Modules) does not see.
+
+def _tensor_sample(tensor: torch.Tensor) -> bytes:
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or not tensor.dtype.is_floating_point:
+        return b""  # quantized subclasses: names, shapes and dtypes still count
+    flat = tensor.detach().reshape(-1)
+    picks = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 1024), device=flat.device).long()
+    return flat[picks].float().cpu().numpy().tobytes()
+
+
+def fingerprint(state_dict: dict[str, Any], extra: Iterable[str] = ()) -> str:
+    """Hash of tensor names, shapes, dtypes and up to 1024 evenly spaced values of each tensor."""
+    digest = hashlib.sha256("\n".join(extra).encode())
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        if not torch.is_tensor(tensor):
+            continue
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(_tensor_sample(tensor))
+    return digest.hexdigest()[:32]
+
+
+def _patches_summary(patcher) -> list[str]:
+    """LoRAs applied to a ComfyUI model (key, strengths, a sample of their tensors), for the cache key."""
+    out = []
+    for key, patches in sorted(getattr(patcher, "patches", {}).items()):
+        for strength, adapter, strength_model, *_ in patches:
+            tensors = getattr(adapter, "weights", adapter if isinstance(adapter, (tuple, list)) else ())
+            samples = [hashlib.sha256(_tensor_sample(t)).hexdigest()[:8] for t in tensors if torch.is_tensor(t)]
+            out.append(f"{key}:{strength}:{strength_model}:{','.join(samples)}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoders
+
+class ComfyImageEncoder:
+    """trainer_core ``ImageEncoder`` over a ComfyUI ``VAE`` (VAELoader): [B,3,H,W] 0..1 ⇄ model-space latents.
+
+    ComfyUI's VAE takes and returns IMAGE layout [B,H,W,C] and raw latents (the posterior mean); FLUX trains
+    on ``(z − shift) · scale``.
+    """
+
+    def __init__(self, vae):
+        channels = getattr(vae, "latent_channels", None)
+        ratio = getattr(vae, "downscale_ratio", None)
+        if channels != LATENT_CHANNELS or ratio != 8:
+            raise TrainerInputError(
+                f"vae: this VAE has {channels} latent channels and {ratio}× downscaling; FLUX.1 needs its own VAE "
+                f"(16 channels, 8×). Load ae.safetensors with Load VAE."
+            )
+        self.vae = vae
+
+    @cached_property
+    def identity(self) -> str:
+        model = self.vae.first_stage_model
+        return "comfy-vae:" + fingerprint(model.state_dict(), extra=[type(model).__name__])
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode(images.movedim(1, -1).float())
+        return to_model_space(z.float().cpu())
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode(from_model_space(latents.float()))
+        return images.float().cpu().movedim(-1, 1).clamp(0, 1)
+
+
+def escape_prompt(text: str) -> str:
+    """Captions are plain text; ComfyUI reads '(word:1.2)' as a weight, so brackets are escaped."""
+    return text.replace("(", "\\(").replace(")", "\\)")
+
+
+class ComfyTextEncoder:
+    """trainer_core ``TextEncoder`` over a ComfyUI ``CLIP``: the same conditioning CLIPTextEncode gives.
+
+    Any CLIP works whose conditioning holds a hidden-state tensor and a ``pooled_output`` (for FLUX.1:
+    DualCLIPLoader type flux → T5-XXL hidden states, CLIP-L pooled).
+    """
+
+    def __init__(self, clip):
+        self.clip = clip
+
+    @cached_property
+    def identity(self) -> str:
+        model = self.clip.cond_stage_model
+        extra = [type(model).__name__, type(self.clip.tokenizer).__name__, repr(getattr(self.clip, "layer_idx", None))]
+        return "comfy-clip:" + fingerprint(model.state_dict(), extra + _patches_summary(self.clip.patcher))
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, pooled = [], []
+        for caption in captions:
+            tokens = self.clip.tokenize(escape_prompt(caption))
+            conditioning = self.clip.encode_from_tokens_scheduled(tokens)
+            cond, extras = conditioning[0][0], conditioning[0][1]
+            vector = extras.get("pooled_output")
+            if not torch.is_tensor(cond) or cond.ndim != 3 or not torch.is_tensor(vector):
+                raise TrainerInputError(
+                    "clip: this text encoder's conditioning has no hidden states plus pooled_output, which FLUX.1 "
+                    "needs. Load clip_l and t5xxl with DualCLIPLoader (type flux)."
+                )
+            hidden.append(cond[:1].float().cpu())
+            pooled.append(vector[:1].float().cpu())
+        length = max(h.shape[1] for h in hidden)
+        if any(h.shape[1] != length for h in hidden):
+            # ComfyUI pads T5 to ≥256 tokens; a longer caption yields more. Zero rows keep one batch shape.
+            log.warning("captions encode to different lengths (%s); shorter ones are zero-padded to %d tokens",
+                        sorted({h.shape[1] for h in hidden}), length)
+            hidden = [torch.nn.functional.pad(h, (0, 0, 0, length - h.shape[1])) for h in hidden]
+        return torch.cat(hidden), torch.cat(pooled)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MODEL ⇄ trainer_core
+
+def flux_variant(model) -> str:
+    """"dev" or "schnell" for a FLUX.1 MODEL; a clear TrainerInputError for anything else."""
+    inner = getattr(model, "model", None)
+    unet_config = getattr(getattr(inner, "model_config", None), "unet_config", None) or {}
+    image_model = unet_config.get("image_model")
+    if image_model != "flux" or not hasattr(inner, "diffusion_model"):
+        found = image_model or type(getattr(inner, "diffusion_model", inner)).__name__
+        raise TrainerInputError(
+            f"model: this is a '{found}' model, not FLUX.1. Load a FLUX.1 dev or schnell transformer "
+            f"(e.g. flux1-dev.safetensors) with Load Diffusion Model (UNETLoader)."
+        )
+    return "dev" if unet_config.get("guidance_embed") else "schnell"
+
+
+def flux_state_dict(model, dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The MODEL's FLUX.1 transformer weights in BFL key names, LoRAs already applied to it merged in.
+
+    ComfyUI's tensors were made under inference mode and would fail in autograd, so every tensor is copied,
+    outside inference mode, to ``dtype`` on ``device``.
+    """
+    flux_variant(model)
+    prefix = "diffusion_model."
+    out: dict[str, torch.Tensor] = {}
+    with torch.inference_mode(False), torch.no_grad():
+        patches = getattr(model, "patches", None) or {}
+        if patches:
+            import comfy.lora
+
+            # Original weights (from the backup if the model is currently patched) plus their patches.
+            for key, ((weight, convert), *key_patches) in model.get_key_patches(prefix).items():
+                value = _plain(weight).to(torch.float32, copy=True)
+                if key_patches:
+                    value = comfy.lora.calculate_weight(key_patches, convert(value, inplace=True), key)
+                out[key[len(prefix):]] = value.to(device=device, dtype=dtype)
+                del value
+        else:
+            for key, weight in model.model_state_dict(prefix).items():
+                out[key[len(prefix):]] = _plain(weight).to(device=device, dtype=dtype, copy=True)
+    if not out:
+        raise TrainerInputError("model: the MODEL has no diffusion model weights; connect Load Diffusion Model.")
+    return out
+
+
+def _plain(weight: torch.Tensor) -> torch.Tensor:
+    """A plain tensor for a ComfyUI weight (its quantized tensor types dequantize themselves)."""
+    if type(weight) in (torch.Tensor, torch.nn.Parameter):
+        return weight.detach()
+    if hasattr(weight, "dequantize"):
+        return weight.dequantize()
+    raise TrainerInputError(
+        f"model: weights of type {type(weight).__name__} cannot be trained on yet; load the bf16 or fp8 "
+        f"FLUX.1 file with Load Diffusion Model."
+    )
+
+
+def model_with_lora(model, lora: dict[str, torch.Tensor], strength: float = 1.0):
+    """A clone of ``model`` with ``lora`` applied through ComfyUI's own LoRA patching (as LoraLoader does)."""
+    import comfy.sd
+
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)
+    return patched
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device and memory
+
+def training_device() -> torch.device:
+    import comfy.model_management as mm
+
+    return torch.device(mm.get_torch_device())
+
+
+def compute_dtype_name(device: torch.device) -> str:
+    """bf16 where ComfyUI would run bf16 (modern GPUs), else fp32 (CPU, older GPUs; fp16 training diverges)."""
+    import comfy.model_management as mm
+
+    return "bf16" if device.type != "cpu" and mm.should_use_bf16(device) else "fp32"
+
+
+def free_vram() -> None:
+    """Ask ComfyUI to move every loaded model off the GPU before training takes it."""
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+
+
+def release() -> None:
+    """Return what the trainer held (call after its objects are gone)."""
+    import comfy.model_management as mm
+
+    gc.collect()
+    mm.soft_empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress, previews, interrupt
+
+def image_grid(images: torch.Tensor) -> Image.Image:
+    """[N,3,H,W] 0..1 → one PIL image, side by side."""
+    row = torch.cat(list(images.float().clamp(0, 1)), dim=2)
+    return Image.fromarray((row.permute(1, 2, 0) * 255).round().byte().numpy())
+
+
+def stack_images(top: Image.Image, bottom: Image.Image | None) -> Image.Image:
+    if bottom is None:
+        return top
+    scale = top.width / bottom.width
+    bottom = bottom.resize((top.width, max(1, round(bottom.height * scale))), Image.Resampling.NEAREST)
+    out = Image.new("RGB", (top.width, top.height + bottom.height), (255, 255, 255))
+    out.paste(top, (0, 0))
+    out.paste(bottom, (0, top.height))
+    return out
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class NodeProgress:
+    """The trainer's ``Callbacks`` shown on the node: a progress bar with a preview (loss curve, latest validation
+    sample) and a line of text (step, loss, speed, time left). ``check_interrupt`` raises ComfyUI's
+    InterruptProcessingException on Cancel; the trainer then saves a checkpoint and re-raises it.
+
+    ``bar`` is a ``comfy.utils.ProgressBar``, ``send_text(text)`` shows text under the node, ``decode`` turns
+    model-space latents into images [N,3,H,W] — all passed in so the class works without ComfyUI.
+    """
+
+    PREVIEW_SECONDS = 1.0  # at most one loss-curve preview per second: fast GPUs do several steps a second
+
+    def __init__(self, bar, send_text: Callable[[str], None], check_interrupt: Callable[[], None],
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None, losses: list[float] | None = None):
+        self.bar = bar
+        self.send_text = send_text
+        self.check_interrupt = check_interrupt
+        self.decode = decode
+        self.losses: list[float] = list(losses or [])
+        self.sample: Image.Image | None = None
+        self._last_preview = 0.0
+        self._started: float | None = None
+        self._first_step: int | None = None
+
+    def preview(self) -> tuple[str, Image.Image, int]:
+        return "JPEG", stack_images(loss_curve_image(self.losses, (512, 288)), self.sample), 512
+
+    def on_step(self, info: StepInfo) -> None:
+        self.losses.append(info.loss)
+        now = time.perf_counter()
+        if self._started is None:
+            self._started, self._first_step = now - info.seconds_per_step, info.step - 1
+        done = info.step - self._first_step
+        rate = (now - self._started) / max(done, 1)
+        recent = self.losses[-10:]
+        self.send_text(f"step {info.step}/{info.total_steps} · loss {info.loss:.4f} (last {len(recent)}: "
+                       f"{sum(recent) / len(recent):.4f}) · {rate:.2f} s/step · "
+                       f"{_duration(rate * (info.total_steps - info.step))} left")
+        show = now - self._last_preview >= self.PREVIEW_SECONDS or info.step == info.total_steps
+        if show:
+            self._last_preview = now
+        self.bar.update_absolute(info.step, info.total_steps, self.preview() if show else None)
+
+    def on_sample(self, step: int, latents: torch.Tensor) -> None:
+        if self.decode is None:
+            return
+        self.sample = image_grid(self.decode(latents))
+        self.bar.update_absolute(step, None, self.preview())
+
+    def on_checkpoint(self, path: Path) -> None:
+        log.info("checkpoint: %s", path)
+
+    def should_stop(self) -> bool:
+        self.check_interrupt()
+        return False
+
+
+def comfy_progress(node_id: str | None):
+    """(ProgressBar factory, send_text, check_interrupt) bound to the running ComfyUI and this node."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    def bar(total: int):
+        return comfy.utils.ProgressBar(total, node_id=node_id)
+
+    def send_text(text: str) -> None:
+        try:
+            from server import PromptServer
+        except ImportError:
+            return
+        if node_id is not None and PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, node_id)
+
+    return bar, send_text, mm.throw_exception_if_processing_interrupted
