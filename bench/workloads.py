@@ -1,5 +1,6 @@
 """What the benchmark runs: a random-weight FLUX, a synthetic latent cache, our training step and the
-plain diffusers + peft baseline step. Each row of the table is measured in its own process (``measure``)."""
+plain diffusers + peft baseline step. Both read the same real ``LatentCache`` (random latents and embeddings
+written by the data pipeline). Each row of the table is measured in its own process (``measure``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import platform
 import resource
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -50,29 +52,41 @@ def random_flux(config: dict, device: str | torch.device = "cpu", dtype=torch.bf
     return model.train()
 
 
-class SyntheticCache:
-    """The parts of ``LatentCache`` a training step reads: fixed random latents and T5/CLIP embeddings."""
+class _RandomImageEncoder:
+    """Stands in for the VAE: seeded random model-space latents of the right shape."""
 
-    def __init__(self, resolution: int, items: int = 4, text_tokens: int = 512, text_dim: int = 4096,
-                 pooled_dim: int = 768, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        side = resolution // 8
-        self._latents = [torch.randn(16, side, side, generator=g) for _ in range(items)]
-        self._text = (torch.randn(text_tokens, text_dim, generator=g).to(torch.bfloat16),
-                      torch.randn(pooled_dim, generator=g))
-        self.sizes = [(resolution, resolution)] * items
-        self.repeats = [1] * items
-        self.captions = ["benchmark"] * items
-        self.fingerprint = f"synthetic-{resolution}-{items}-{seed}"
+    identity = "bench-random-latents/1"
 
-    def __len__(self) -> int:
-        return len(self._latents)
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = images.shape
+        return torch.randn(b, 16, h // 8, w // 8, generator=torch.Generator().manual_seed(h * w))
 
-    def latent(self, index: int) -> torch.Tensor:
-        return self._latents[index]
 
-    def text(self, index: int):
-        return self._text
+class _RandomTextEncoder:
+    """Stands in for CLIP-L + T5: seeded random embeddings of the right shape (T5 in bf16, as ComfyUI's)."""
+
+    def __init__(self, tokens: int, dim: int, pooled: int):
+        self.shape = (tokens, dim, pooled)
+        self.identity = f"bench-random-text/{tokens}x{dim}+{pooled}"
+
+    def encode(self, captions):
+        tokens, dim, pooled = self.shape
+        g = torch.Generator().manual_seed(len(captions))
+        return (torch.randn(len(captions), tokens, dim, generator=g).to(torch.bfloat16),
+                torch.randn(len(captions), pooled, generator=g))
+
+
+def synthetic_cache(folder, resolution: int, items: int = 4, text_tokens: int = 512, text_dim: int = 4096,
+                    pooled_dim: int = 768):
+    """A real ``LatentCache`` (built by the data pipeline) of random images and random embeddings."""
+    from trainer_core.config import DatasetConfig
+    from trainer_core.data.cache import build_cache
+    from trainer_core.data.dataset import dataset_from_images
+
+    images = torch.rand(items, resolution, resolution, 3, generator=torch.Generator().manual_seed(0))
+    entries = dataset_from_images(images, [f"benchmark image {i}" for i in range(items)],
+                                  DatasetConfig(resolutions=[resolution]))
+    return build_cache(entries, _RandomImageEncoder(), _RandomTextEncoder(text_tokens, text_dim, pooled_dim), folder)
 
 
 # ----- the two steps -----
@@ -143,14 +157,14 @@ class BaselineLoop:
 @dataclass
 class RowSpec:
     label: str
-    kind: str  # "ours" or "baseline"
+    kind: str  # "ours", "baseline", or "pair" (both, steps alternating)
     resolution: int
     model: str = "flux1-dev"
     device: str = "cuda"
     preset: str = "none"
     overrides: dict = field(default_factory=dict)
     cap_gib: float = 0.0  # cap the process's VRAM (a card of that size)
-    checkpointing: bool = True  # baseline only
+    checkpointing: bool = True  # the baseline's
     compute_dtype: str = "bf16"
     rank: int = 16
     warmup: int = 3
@@ -179,63 +193,78 @@ def _rss_gib() -> float:
 
 
 def measure(spec: RowSpec) -> dict:
-    """Build, warm up and time one configuration; runs in a fresh process so peaks are its own."""
-    from trainer_core import memory
+    """Build, warm up and time one configuration; runs in a fresh process so peaks are its own.
 
+    kind "pair" (CPU mode) builds our step and the baseline loop side by side and alternates their steps, so
+    both see the same machine load.
+    """
     torch.manual_seed(0)
     cuda = spec.device == "cuda"
+    if not cuda:
+        torch.set_num_threads(1)  # steadier timings on a shared CPU; the ratio is what counts
     if cuda and spec.cap_gib:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec.cap_gib * GiB / total))
     config = model_config(spec.model)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec.compute_dtype]
     text_tokens = 512 if spec.model != "tiny" else 16
-    cache = SyntheticCache(spec.resolution, text_tokens=text_tokens, text_dim=config["joint_attention_dim"],
-                           pooled_dim=config["pooled_projection_dim"])
+    folder = tempfile.TemporaryDirectory(prefix="flux-bench-")
+    cache = synthetic_cache(folder.name, spec.resolution, text_tokens=text_tokens,
+                            text_dim=config["joint_attention_dim"], pooled_dim=config["pooled_projection_dim"])
     result = dict(label=spec.label, kind=spec.kind, resolution=spec.resolution, preset=spec.preset)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    if spec.kind == "ours":
-        workload = memory.Workload(config, spec.resolution, 1, spec.rank, "attention", "adamw", text_tokens,
-                                   spec.compute_dtype)
-        free = int(spec.cap_gib * GiB) if spec.cap_gib else None
-        mem = memory.resolve_preset(spec.preset, {"batch_size": 1, **spec.overrides}, free, workload)
-        estimate = workload.estimate(mem)
-        model = random_flux(config, "cpu", dtype)
-        step, close = our_step(model, cache, mem, rank=spec.rank, device=spec.device,
-                               compute_dtype=spec.compute_dtype, optimizer="adamw")
-        result.update(tier=mem.preset, knobs=_knobs(mem), estimate_gib=estimate.total / GiB,
-                      swapped=mem.blocks_to_swap and min(mem.blocks_to_swap, estimate.blocks_total))
-    else:
+    steps = []
+    if spec.kind in ("ours", "pair"):
+        steps.append(_ours(spec, config, cache, dtype, text_tokens, result))
+    if spec.kind in ("baseline", "pair"):
         model = random_flux(config, spec.device, dtype)
         loop = BaselineLoop(model, cache, rank=spec.rank, device=spec.device, dtype=dtype,
                             checkpointing=spec.checkpointing)
-        step, close = loop.step, (lambda: None)
-        result.update(tier="-", knobs=f"{spec.compute_dtype} base + LoRA, "
-                      + ("checkpointing, " if spec.checkpointing else "") + "autocast, AdamW", swapped=0)
-    times, losses = [], []
+        steps.append((loop.step, lambda: None))
+        if spec.kind == "baseline":
+            result.update(tier="-", knobs=f"{spec.compute_dtype} base + LoRA, "
+                          + ("checkpointing, " if spec.checkpointing else "") + "autocast, AdamW", swapped=0)
+    times: list[list[float]] = [[] for _ in steps]
+    finite = True
     for _ in range(spec.warmup + spec.steps):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        losses.append(step())
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    close()
-    result.update(
-        seconds=statistics.median(times[spec.warmup:]),
-        finite=all(math.isfinite(x) for x in losses),
-        rss_gib=_rss_gib(),
-    )
+        for (step, _close), record in zip(steps, times):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            finite &= math.isfinite(step())
+            if cuda:
+                torch.cuda.synchronize()
+            record.append(time.perf_counter() - start)
+    for _step, close in steps:
+        close()
+    folder.cleanup()
+    result.update(seconds=statistics.median(times[0][spec.warmup:]), finite=finite, rss_gib=_rss_gib())
+    if spec.kind == "pair":
+        result["baseline_seconds"] = statistics.median(times[1][spec.warmup:])
     if cuda:
         result.update(peak_gib=torch.cuda.max_memory_allocated() / GiB,
                       reserved_gib=torch.cuda.max_memory_reserved() / GiB)
     return result
 
 
+def _ours(spec: RowSpec, config: dict, cache, dtype, text_tokens: int, result: dict):
+    from trainer_core import memory
+
+    workload = memory.Workload(config, spec.resolution, 1, spec.rank, "attention", "adamw", text_tokens,
+                               spec.compute_dtype)
+    free = int(spec.cap_gib * GiB) if spec.cap_gib else None
+    mem = memory.resolve_preset(spec.preset, {"batch_size": 1, **spec.overrides}, free, workload)
+    estimate = workload.estimate(mem)
+    model = random_flux(config, "cpu", dtype)
+    result.update(tier=mem.preset, knobs=_knobs(mem), estimate_gib=estimate.total / GiB,
+                  swapped=min(mem.blocks_to_swap, estimate.blocks_total))
+    return our_step(model, cache, mem, rank=spec.rank, device=spec.device, compute_dtype=spec.compute_dtype,
+                    optimizer="adamw")
+
+
 def _knobs(mem) -> str:
-    parts = [f"{mem.base_precision} base"]
+    parts = [f"{mem.base_precision if mem.base_precision != 'auto' else 'compute-dtype'} base"]
     if mem.blocks_to_swap:
         parts.append(f"swap {mem.blocks_to_swap}")
     if mem.gradient_checkpointing:

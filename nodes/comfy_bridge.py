@@ -15,9 +15,10 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -47,16 +48,25 @@ def comfy_folders() -> tuple[Path, Path] | None:
     return Path(folder_paths.get_input_directory()), Path(folder_paths.get_output_directory())
 
 
-def subfolders(root: Path | None) -> list[str]:
-    """Image folders a user can pick: every non-hidden subfolder of ``root`` (two levels), as relative paths."""
+def subfolders(root: Path | None, extensions: Iterable[str]) -> list[str]:
+    """Image folders a user can pick: non-hidden subfolders of ``root`` (two levels) that hold at least one file
+    with one of ``extensions``, as relative paths (ComfyUI's own input subfolders such as 3d/ drop out)."""
     if root is None or not root.is_dir():
         return []
+    extensions = {e.lower() for e in extensions}
+
+    def folders(parent: Path) -> list[Path]:
+        return sorted((p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                      key=lambda p: p.name.lower())
+
+    def has_images(folder: Path) -> bool:
+        return any(p.suffix.lower() in extensions and p.is_file() for p in folder.iterdir())
+
     found = []
-    for child in sorted(root.iterdir(), key=lambda p: p.name.lower()):
-        if child.is_dir() and not child.name.startswith("."):
-            found.append(child.name)
-            found += [f"{child.name}/{g.name}" for g in sorted(child.iterdir(), key=lambda p: p.name.lower())
-                      if g.is_dir() and not g.name.startswith(".")]
+    for child in folders(root):
+        for folder in (child, *folders(child)):
+            if has_images(folder):
+                found.append(folder.relative_to(root).as_posix())
     return found
 
 
@@ -93,7 +103,9 @@ def _tensor_sample(tensor: torch.Tensor) -> bytes:
     if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or not tensor.dtype.is_floating_point:
         return b""  # quantized subclasses: names, shapes and dtypes still count
     flat = tensor.detach().reshape(-1)
-    picks = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 1024), device=flat.device).long()
+    count = min(flat.numel(), 1024)
+    # integer spacing: a float32 linspace overshoots the last index of tensors with more than 2**24 elements
+    picks = torch.arange(count, device=flat.device) * max(flat.numel() - 1, 0) // max(count - 1, 1)
     return flat[picks].float().cpu().numpy().tobytes()
 
 
@@ -340,6 +352,7 @@ class NodeProgress:
         self.check_interrupt = check_interrupt
         self.decode = decode
         self.losses: list[float] = list(losses or [])
+        self.step = 0
         self.sample: Image.Image | None = None
         self._last_preview = 0.0
         self._started: float | None = None
@@ -349,6 +362,7 @@ class NodeProgress:
         return "JPEG", stack_images(loss_curve_image(self.losses, (512, 288)), self.sample), 512
 
     def on_step(self, info: StepInfo) -> None:
+        self.step = info.step
         self.losses.append(info.loss)
         now = time.perf_counter()
         if self._started is None:

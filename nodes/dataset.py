@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..trainer_core.config import CROP_MODES, IMAGE_EXTENSIONS, DatasetConfig
 from ..trainer_core.errors import TrainerInputError
@@ -54,7 +53,7 @@ def parse_resolutions(text: str) -> list[int]:
 
 def _folders() -> list[str]:
     folders = bridge.comfy_folders()
-    return bridge.subfolders(folders[0] if folders else None) + [NO_FOLDER]
+    return bridge.subfolders(folders[0] if folders else None, IMAGE_EXTENSIONS) + [NO_FOLDER]
 
 
 class FluxLoraDataset:
@@ -160,7 +159,8 @@ class FluxLoraDataset:
             raise TrainerInputError("folder: none chosen. Pick a subfolder of ComfyUI's input folder with your "
                                     "images, or connect an IMAGE batch to 'images'.")
         folders = bridge.comfy_folders()
-        input_dir = folders[0] if folders else Path.cwd()
-        path = bridge.resolve_dataset_folder(input_dir, folder, custom_folder)
+        if folders is None:
+            raise TrainerInputError("folder: reading a folder needs ComfyUI's input folder; run inside ComfyUI.")
+        path = bridge.resolve_dataset_folder(folders[0], folder, custom_folder)
         cfg.folder = str(path)
         return (DatasetSpec(scan_dataset(cfg), cfg, str(path)),)

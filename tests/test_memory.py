@@ -408,6 +408,9 @@ def test_plan_refuses_what_will_not_fit_and_names_the_fix():
         plan_memory(MemoryConfig(), free_bytes=20 * GiB)
     mem, est = plan_memory(MemoryConfig(preset="auto"), free_bytes=15 * GiB)
     assert mem.preset == "16gb" and est.total < 15 * GiB
+    # training on the CPU: nothing to fit, auto keeps the plain defaults
+    mem, _ = plan_memory(MemoryConfig(preset="auto"), free_bytes=1 * GiB, device="cpu")
+    assert mem == MemoryConfig()
 
 
 def test_plan_keeps_explicit_knobs_over_the_tier():

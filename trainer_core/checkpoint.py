@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ class TrainingState:
     rng: dict[str, torch.Tensor]
     losses: list[float]
     fingerprint: dict[str, Any]  # settings that must match to resume (targets, rank, data, …)
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)  # EMA of the adapter weights (train.ema_decay)
 
 
 def _split_tensors(tree: dict[str, Any], prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -79,6 +80,7 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
     tensors = {f"lora.{k}": v.float() for k, v in state.lora.items()}
     tensors.update(opt_tensors)
     tensors.update({f"rng.{k}": v for k, v in state.rng.items()})
+    tensors.update({f"ema.{k}": v for k, v in state.ema.items()})
     meta = {
         "format": "flux-lora-trainer-checkpoint/1",
         "step": str(state.step),
@@ -130,6 +132,7 @@ def load_checkpoint(path: Path) -> TrainingState:
         rng=group("rng."),
         losses=json.loads(meta["losses"]),
         fingerprint=json.loads(meta["fingerprint"]),
+        ema=group("ema."),
     )
 
 

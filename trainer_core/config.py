@@ -179,9 +179,8 @@ class TrainConfig:
             raise TrainerInputError("train.betas: Adafactor has no betas. Leave betas empty and set "
                                     "optimizer_args = 'beta1=0.9' (and decay_rate) instead.")
         if self.eps and self.optimizer in ("adafactor", "lion8bit"):
-            raise TrainerInputError(f"train.eps: {self.optimizer} takes no single eps. Set eps = 0"
-                                    + (" (Adafactor's eps pair goes in optimizer_args)." if self.optimizer == "adafactor"
-                                       else "."))
+            hint = " (Adafactor's eps pair goes in optimizer_args)." if self.optimizer == "adafactor" else "."
+            raise TrainerInputError(f"train.eps: {self.optimizer} takes no single eps. Set eps = 0{hint}")
         return self
 
 

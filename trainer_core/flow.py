@@ -146,11 +146,12 @@ def flow_matching_loss(
     loss_type: str = "l2",
     weight: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    huber_c: float = 0.1,
 ) -> torch.Tensor:
     """Mean flow-matching loss for one batch; ``weight`` (broadcastable to x0) weights the elements."""
     x_t = noisy_latents(x0, noise, sigma)
     v_pred = predict_velocity(transformer, x_t, sigma, hidden, pooled, guidance, dtype)
-    loss = elementwise_loss(v_pred, velocity_target(x0, noise).float(), loss_type)
+    loss = elementwise_loss(v_pred, velocity_target(x0, noise).float(), loss_type, huber_c)
     if weight is None:
         return loss.mean()
     weight = weight.expand_as(loss)

@@ -81,7 +81,7 @@ SIZED_PRESETS: dict[str, tuple[int, ...]] = {"tiny": (7, 20), "nano": (7,)}
 _FLUX_SINGLE_BLOCKS = 38
 PRESET_NAMES = (*TARGET_PRESETS, *SIZED_PRESETS)
 
-CLIP_TARGETS = r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
+CLIP_TARGETS = r"(text_model\.)?encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
 T5_TARGETS = r"encoder\.block\.\d+\.layer\.(0\.SelfAttention\.(q|k|v|o)|1\.DenseReluDense\.(wi|wi_0|wi_1|wo))"
 
 
@@ -222,6 +222,14 @@ def lora_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in adapter_parameters(transformer).values() if p.requires_grad]
 
 
+def cast_adapter_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Master weights of every adapter tensor in ``dtype``. peft creates them in the base weights' dtype (bf16
+    under bf16 compute), where small updates round away; its layers cast their results back to the input dtype."""
+    for param in adapter_parameters(model).values():
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def training_state_dict(transformer: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None = None
                         ) -> dict[str, torch.Tensor]:
     """The adapters' raw tensors (fp32 copies) for checkpoints: what :func:`set_lora_state_dict` restores exactly."""
@@ -272,7 +280,7 @@ def lora_delta(layer: BaseTunerLayer) -> torch.Tensor:
             w = base_weight(layer).to(delta.device)
             merged = w + delta
             magnitude = layer.lora_magnitude_vector[ADAPTER].weight.detach().float().to(delta.device)
-            delta = merged * (magnitude / merged.norm(dim=1)).unsqueeze(1) - w
+            delta = merged * (magnitude / merged.norm(dim=1).clamp_min(1e-12)).unsqueeze(1) - w
         return delta
     if isinstance(layer, OFTLayer):
         w = base_weight(layer)
@@ -291,16 +299,18 @@ def _dora_scale(layer: LoraLayer) -> torch.Tensor:
     b = layer.lora_B[ADAPTER].weight.detach().float()
     w = base_weight(layer).to(a.device)
     magnitude = layer.lora_magnitude_vector[ADAPTER].weight.detach().float()
-    return (magnitude * w.norm(dim=1) / (w + layer.scaling[ADAPTER] * (b @ a)).norm(dim=1)).unsqueeze(1)
+    merged_norm = (w + layer.scaling[ADAPTER] * (b @ a)).norm(dim=1).clamp_min(1e-12)  # all-zero rows stay zero
+    return (magnitude * w.norm(dim=1) / merged_norm).unsqueeze(1)
 
 
 def layer_tensors(layer: BaseTunerLayer) -> dict[str, torch.Tensor]:
     """One layer's tensors in the default file format (suffix → tensor), so that ComfyUI computes peft's delta."""
     if isinstance(layer, LoraLayer):
         rank = layer.r[ADAPTER]
+        # alpha / rank = peft's scaling, whatever produced it (alpha_pattern, rsLoRA)
         out = {"lora_A.weight": layer.lora_A[ADAPTER].weight.detach(),
                "lora_B.weight": layer.lora_B[ADAPTER].weight.detach(),
-               "alpha": torch.tensor(float(layer.scaling[ADAPTER] * rank))}  # alpha / rank = peft's scaling (rsLoRA too)
+               "alpha": torch.tensor(float(layer.scaling[ADAPTER] * rank))}
         if layer.use_dora[ADAPTER]:
             out["dora_scale"] = _dora_scale(layer)
         return out
@@ -330,6 +340,8 @@ def lora_state_dict(transformer: torch.nn.Module, dtype: torch.dtype | None = No
     models = {PREFIX: transformer, **(text_encoders or {})}
     for prefix, model in models.items():
         for name, layer in adapter_layers(model).items():
+            if prefix == CLIP_PREFIX and not name.startswith("text_model."):
+                name = f"text_model.{name}"  # transformers 5 dropped CLIPTextModel's text_model level; files keep it
             for suffix, tensor in layer_tensors(layer).items():
                 tensor = tensor.detach().cpu()
                 if dtype is not None and suffix != "alpha":
@@ -451,6 +463,7 @@ def warm_start(transformer: torch.nn.Module, state: dict[str, torch.Tensor], sou
                 merged_norm = (w + layer.scaling[ADAPTER] * (b @ a).to(w.device)).norm(dim=1)
                 dora = state.get(f"{PREFIX}{name}.dora_scale")
                 # No DoRA in the file: magnitude = ‖W + ΔW‖ keeps its delta; else invert _dora_scale.
-                magnitude = merged_norm if dora is None else dora.float().flatten() * merged_norm / w.norm(dim=1)
+                magnitude = (merged_norm if dora is None
+                             else dora.float().flatten() * merged_norm / w.norm(dim=1).clamp_min(1e-12))
                 layer.lora_magnitude_vector[ADAPTER].weight.copy_(magnitude)
     log.info("warm start from %s: %d layers", source, len(modules))

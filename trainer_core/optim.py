@@ -90,6 +90,11 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [g for g in groups if g["params"]]
     cls = _optimizer_class(cfg.optimizer)
     kwargs = optimizer_kwargs(cfg)
+    lr = cfg.learning_rate
+    if _relative_step(cfg):
+        log.info("Adafactor with relative_step sets its own step size; train.learning_rate is not used")
+        lr = None
+        groups = [{**g, "lr": None} for g in groups]
     accepted = inspect.signature(cls.__init__).parameters
     unknown = sorted(k for k in kwargs if k not in accepted)
     if unknown:
@@ -98,7 +103,7 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
             f"train.optimizer_args: {cfg.optimizer} does not take {', '.join(unknown)}; it takes: {names}."
         )
     try:
-        optimizer = cls(groups, lr=cfg.learning_rate, **kwargs)
+        optimizer = cls(groups, lr=lr, **kwargs)
     except (TypeError, ValueError) as exc:
         raise TrainerInputError(f"train.optimizer: {cfg.optimizer} refused its settings {kwargs}: {exc}") from exc
     log.info("optimizer: %s(%s), learning rates %s", type(optimizer).__name__,
@@ -106,9 +111,25 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return optimizer
 
 
+def _relative_step(cfg: TrainConfig) -> bool:
+    return cfg.optimizer == "adafactor" and bool(parse_optimizer_args(cfg.optimizer_args).get("relative_step"))
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """diffusers' schedules: constant, constant_with_warmup, cosine, cosine_with_restarts (``scheduler_cycles``
-    restarts), polynomial (``scheduler_power``, down to 1e-7) and linear, each after ``warmup_steps``."""
+    restarts), polynomial (``scheduler_power``, down to 1e-7) and linear, each after ``warmup_steps``.
+
+    Adafactor with ``relative_step=True`` schedules itself: its own schedule object reports the step size."""
+    if _relative_step(cfg):
+        if cfg.scheduler != "constant" or cfg.warmup_steps:
+            raise TrainerInputError(
+                f"train.scheduler: Adafactor with relative_step=True sets its own schedule; '{cfg.scheduler}' "
+                f"(warmup {cfg.warmup_steps}) would not be used. Set scheduler = 'constant' and warmup_steps = 0, "
+                f"or drop relative_step from optimizer_args."
+            )
+        from transformers.optimization import AdafactorSchedule
+
+        return AdafactorSchedule(optimizer)
     return get_scheduler(
         cfg.scheduler,
         optimizer,

@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 
 from . import checkpoint as ckpt
 from . import flow, lora, memory
+from .optim import build_optimizer, build_scheduler
+from .text_conditioning import TextConditioning
 from .config import LoraConfig, MemoryConfig, SampleConfig, TrainConfig
 from .data.cache import LatentCache
 from .data.dataset import BatchOrder
@@ -65,6 +67,7 @@ class TrainResult:
     steps: int
     resumed_from: int  # step the run resumed at (0 for a fresh run)
     checkpoint: Path | None
+    extra_files: list[Path] = field(default_factory=list)  # lora.export_formats and the EMA adapter (if any)
 
 
 @dataclass
@@ -93,18 +96,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    raise TrainerInputError(f"train.optimizer: unknown optimizer '{cfg.optimizer}'.")
-
-
 class TrainingSession:
-    """A LoRA on a frozen FLUX transformer, its optimizer and RNG: ``step()`` does one optimizer step."""
+    """A LoRA on a frozen FLUX transformer, its optimizer and RNG: ``step()`` does one optimizer step.
+
+    ``text_encoder`` (a FluxTextEncoder) is needed only to train text-encoder LoRAs, to shuffle caption tags, or
+    for caption dropout on a cache without the empty caption.
+    """
 
     def __init__(
         self,
@@ -114,6 +111,7 @@ class TrainingSession:
         train_cfg: TrainConfig,
         mem_cfg: MemoryConfig | None = None,
         device: torch.device | str | None = None,
+        text_encoder=None,
     ):
         self.train_cfg = train_cfg.validate()
         self.lora_cfg = lora_cfg.validate()
@@ -126,14 +124,17 @@ class TrainingSession:
         self.transformer = memory.prepare_base(transformer, self.mem_cfg, self.dtype)
         self.targets = lora.add_lora(self.transformer, lora_cfg, seed=train_cfg.seed)
         self.memory = memory.prepare_training(self.transformer, self.mem_cfg, self.device)
-        self.params = lora.lora_parameters(self.transformer)
-        self.optimizer = build_optimizer(self.params, train_cfg)
-        self.scheduler = get_scheduler(
-            train_cfg.scheduler,
-            self.optimizer,
-            num_warmup_steps=train_cfg.warmup_steps,
-            num_training_steps=train_cfg.steps,
-        )
+        # prepare_training casts LoRA A/B; DoRA magnitudes and LoKr/LoHa/OFT tensors follow the same master dtype.
+        lora.cast_adapter_parameters(self.transformer, memory.DTYPES[self.mem_cfg.lora_dtype])
+        self.text = TextConditioning(cache, text_encoder, lora_cfg, train_cfg, self.device)
+        transformer_params, text_params = lora.lora_parameters(self.transformer), self.text.parameters()
+        self.params = transformer_params + text_params
+        self.optimizer = build_optimizer([
+            {"params": transformer_params},
+            {"params": text_params, "lr": train_cfg.text_encoder_lr or train_cfg.learning_rate},
+        ], train_cfg)
+        self.scheduler = build_scheduler(self.optimizer, train_cfg)
+        self.ema = EMAModel(self.params, decay=train_cfg.ema_decay) if train_cfg.ema_decay else None
         self.order = BatchOrder(cache.sizes, train_cfg.batch_size, cache.repeats, train_cfg.seed)
         # Noise and σ come from a private CPU generator, so runs match across devices and resume exactly.
         self.generator = torch.Generator().manual_seed(train_cfg.seed)
@@ -143,10 +144,12 @@ class TrainingSession:
     def _batch(self, micro_index: int):
         indices = self.order.batch(micro_index)
         x0 = torch.stack([self.cache.latent(i) for i in indices]).float()
-        texts = [self.cache.text(i) for i in indices]
-        hidden = torch.stack([t[0] for t in texts])
-        pooled = torch.stack([t[1] for t in texts])
-        return x0, hidden, pooled
+        hidden, pooled = self.text.batch(indices, self.generator)
+        weight = None
+        if self.cache.has_masks:  # items without a mask train on every latent cell
+            masks = [self.cache.mask(i) for i in indices]
+            weight = torch.stack([m if m is not None else torch.ones(1, *x0.shape[-2:]) for m in masks]).float()
+        return x0, hidden, pooled, weight
 
     def step(self) -> float:
         """One optimizer step over ``gradient_accumulation`` micro-batches; returns the mean loss.
@@ -157,7 +160,7 @@ class TrainingSession:
         accum = cfg.gradient_accumulation
         total = 0.0
         for j in range(accum):
-            x0, hidden, pooled = self._batch(self.step_count * accum + j)
+            x0, hidden, pooled, weight = self._batch(self.step_count * accum + j)
             noise = torch.randn(x0.shape, generator=self.generator)
             sigma = flow.sample_sigmas(
                 x0.shape[0], cfg.timestep_sampling, flow.image_token_count(*x0.shape[-2:]), self.generator,
@@ -166,7 +169,8 @@ class TrainingSession:
             x0, noise, sigma = (t.to(self.device) for t in (x0, noise, sigma))
             loss = flow.flow_matching_loss(
                 self.transformer, x0.to(self.dtype), noise.to(self.dtype), sigma, hidden.to(self.device),
-                pooled.to(self.device), cfg.guidance, dtype=self.dtype,
+                pooled.to(self.device), cfg.guidance, loss_type=cfg.loss_type,
+                weight=weight.to(self.device) if weight is not None else None, dtype=self.dtype, huber_c=cfg.huber_c,
             )
             (loss / accum).backward()
             total += loss.item() / accum
@@ -178,6 +182,8 @@ class TrainingSession:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.params)
         self.step_count += 1
         return total
 
@@ -190,8 +196,10 @@ class TrainingSession:
         train = dataclasses.asdict(self.train_cfg)
         for free in ("steps", "checkpoint_every", "keep_checkpoints"):
             train.pop(free)
+        lora_settings = dataclasses.asdict(self.lora_cfg)
+        lora_settings.pop("export_formats")  # which files are written at the end does not change training
         return {
-            "lora": dataclasses.asdict(self.lora_cfg),
+            "lora": lora_settings,
             "train": train,
             "data": self.cache.fingerprint,
             "targets": len(self.targets),
@@ -200,16 +208,29 @@ class TrainingSession:
     def state(self, losses: list[float]) -> ckpt.TrainingState:
         return ckpt.TrainingState(
             step=self.step_count,
-            lora=lora.lora_state_dict(self.transformer, torch.float32),
+            lora=lora.training_state_dict(self.transformer, self.text.trained),
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             rng={"generator": self.generator.get_state(), "torch": torch.get_rng_state()},
             losses=list(losses),
             fingerprint=self.fingerprint(),
+            ema=self._ema_state(),
         )
 
+    def _ema_state(self) -> dict[str, torch.Tensor]:
+        if self.ema is None:
+            return {}
+        state = {str(i): t.detach().float().cpu() for i, t in enumerate(self.ema.shadow_params)}
+        state["optimization_step"] = torch.tensor(self.ema.optimization_step)
+        return state
+
     def load_state(self, state: ckpt.TrainingState) -> None:
-        lora.set_lora_state_dict(self.transformer, state.lora)
+        lora.set_lora_state_dict(self.transformer, state.lora, self.text.trained)
+        if self.ema is not None:
+            with torch.no_grad():
+                for i, shadow in enumerate(self.ema.shadow_params):
+                    shadow.copy_(state.ema[str(i)])
+            self.ema.optimization_step = int(state.ema["optimization_step"])
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         self.generator.set_state(state.rng["generator"])
@@ -240,8 +261,12 @@ def train_lora(
     metadata: dict[str, Any] | None = None,
     callbacks: Callbacks | None = None,
     device: torch.device | str | None = None,
+    text_encoder=None,
 ) -> TrainResult:
     """Train a LoRA to ``train_cfg.steps`` and write ``output_dir/<output_name>.safetensors``.
+
+    Also written: ``<name>_<format>.safetensors`` per ``lora_cfg.export_formats`` and, with ``train_cfg.ema_decay``,
+    the EMA weights as ``<name>_ema[_<format>].safetensors``. ``text_encoder``: see :class:`TrainingSession`.
 
     Checkpoints go to ``checkpoint_root/<name>`` (default root ``output_dir/checkpoints``) every
     ``checkpoint_every`` steps, and on interrupt or error (then the exception is re-raised). With
@@ -262,7 +287,7 @@ def train_lora(
 
     # Nodes run under inference mode (reference.md §3); training needs autograd whatever the caller did.
     with torch.inference_mode(False), torch.enable_grad():
-        session = TrainingSession(transformer, cache, lora_cfg, train_cfg, mem_cfg, device)
+        session = TrainingSession(transformer, cache, lora_cfg, train_cfg, mem_cfg, device, text_encoder)
         try:
             return _run(session, callbacks, metrics, output_dir, name, checkpoint_dir, resume, overwrite,
                         validation, metadata or {})
@@ -352,9 +377,29 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog, ou
         "dataset_hash": session.cache.fingerprint,
         "training_settings": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
     }
-    lora_path = lora.save_lora(output_dir / f"{name}.safetensors", session.transformer, meta, overwrite=overwrite)
+    lora_path, extra_files = _save_adapters(session, output_dir, name, meta, overwrite)
     final_checkpoint = save_checkpoint()
     if validation and validation.embeddings:
         callbacks.on_sample(session.step_count, session.sample(validation))
     log.info("trained %d steps in %.1f s; LoRA: %s", session.step_count - resumed_from, elapsed, lora_path)
-    return TrainResult(lora_path, losses, session.step_count, resumed_from, final_checkpoint)
+    return TrainResult(lora_path, losses, session.step_count, resumed_from, final_checkpoint, extra_files)
+
+
+def _save_adapters(session: TrainingSession, output_dir: Path, name: str, meta: dict[str, str],
+                   overwrite: bool) -> tuple[Path, list[Path]]:
+    """The LoRA in the default format and each export format, then the same for the EMA weights."""
+    def save_all(stem: str, file_meta: dict[str, str]) -> list[Path]:
+        return [lora.save_lora(output_dir / f"{stem}{'' if fmt == 'default' else '_' + fmt}.safetensors",
+                               session.transformer, {**file_meta, "format": fmt}, overwrite=overwrite,
+                               text_encoders=session.text.trained, fmt=fmt)
+                for fmt in ("default", *session.lora_cfg.export_formats)]
+
+    paths = save_all(name, meta)
+    if session.ema is not None:
+        session.ema.store(session.params)
+        session.ema.copy_to(session.params)
+        try:
+            paths += save_all(f"{name}_ema", {**meta, "ema_decay": str(session.train_cfg.ema_decay)})
+        finally:
+            session.ema.restore(session.params)
+    return paths[0], paths[1:]

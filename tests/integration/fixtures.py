@@ -160,6 +160,9 @@ def taesd_state_dict(seed: int = 2, dtype: torch.dtype = torch.float32) -> dict[
         index += 5
     _taesd_block(w, f"{dec}.{index}")
     w.conv(f"{dec}.{index + 1}", 3, 64)
+    # Mid-grey output: ComfyUI clamps to 0..1, and a zero-centred random decoder would clip half the pixels,
+    # hiding the differences a LoRA makes.
+    w.sd[f"{dec}.{index + 1}.bias"] = torch.full((3,), 0.5, dtype=dtype)
     # FLUX VAE latent statistics, as ComfyUI's own taef1 loader sets them.
     w.sd["vae_scale"] = torch.tensor(0.3611)
     w.sd["vae_shift"] = torch.tensor(0.1159)

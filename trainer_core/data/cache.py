@@ -4,6 +4,7 @@ Layout inside the cache folder::
 
     latents/<item key>-<encoder key>.safetensors      "latent"  [16, h/8, w/8]
     text/<caption key>-<encoder key>.safetensors      "hidden"  [L, D] (T5), "pooled" [P] (CLIP-L)
+    masks/<mask key>.safetensors                      "mask"    [1, h/8, w/8] loss weights (dataset.masked_loss)
 
 item key = sha256(preprocessing version, image content hash, bucket size, crop box, flip); caption key =
 sha256(caption), so identical captions share one file; encoder key = sha256(encoder identity). The two halves
@@ -52,10 +53,11 @@ class LatentCache:
     """Cached latents and text embeddings for a list of :class:`DatasetItem` (same order)."""
 
     def __init__(self, items: Sequence[DatasetItem], latent_files: Sequence[Path], text_files: Sequence[Path],
-                 reused: int = 0, encoded: int = 0):
+                 reused: int = 0, encoded: int = 0, mask_files: Sequence[Path | None] | None = None):
         self.items = list(items)
         self._latent_files = list(latent_files)
         self._text_files = list(text_files)
+        self._mask_files = list(mask_files) if mask_files is not None else [None] * len(self.items)
         self.reused = reused  # cache files found valid and reused by build_cache
         self.encoded = encoded  # cache files written by build_cache
 
@@ -69,6 +71,33 @@ class LatentCache:
     def text(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(T5 hidden states [L, D], CLIP-L pooled [P]) of item ``index``'s caption."""
         tensors = _load(self._text_files[index])
+        return tensors["hidden"], tensors["pooled"]
+
+    def mask(self, index: int) -> torch.Tensor | None:
+        """Loss weights [1, h/8, w/8] in 0..1 of item ``index`` at latent resolution, or None (no mask)."""
+        path = self._mask_files[index]
+        return None if path is None else _load(path)["mask"]
+
+    @property
+    def has_masks(self) -> bool:
+        return any(path is not None for path in self._mask_files)
+
+    def empty_text(self, text_encoder: TextEncoder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, pooled) of the empty caption (caption dropout), from this cache's text encoder: cached by
+        ``build_cache(..., empty_caption=True)``, else encoded now with ``text_encoder`` if given."""
+        if not self._text_files:
+            raise TrainerInputError("cache: it holds no captions; add images to the dataset folder.")
+        text_dir = self._text_files[0].parent
+        enc = self._text_files[0].name[: -len(_SUFFIX)].partition("-")[2]
+        path = text_dir / f"{text_key('')}-{enc}{_SUFFIX}"
+        if not (path.is_file() and _valid(path, _text_shape_check)):
+            if text_encoder is None or encoder_key(text_encoder.identity) != enc:
+                raise TrainerInputError(
+                    "train.caption_dropout: the cache has no embedding of the empty caption. Build the cache with "
+                    "caption dropout on (empty_caption=True), or give the training step the text encoders."
+                )
+            return build_prompt_cache([""], text_encoder, text_dir.parent)[0]
+        tensors = _load(path)
         return tensors["hidden"], tensors["pooled"]
 
     @property
@@ -90,11 +119,13 @@ class LatentCache:
 
 
 def build_cache(items: Sequence[DatasetItem], image_encoder: ImageEncoder | None, text_encoder: TextEncoder | None,
-                cache_dir: Path, progress: Progress | None = None) -> LatentCache:
+                cache_dir: Path, progress: Progress | None = None, empty_caption: bool = False) -> LatentCache:
     """Encode what is not cached yet (each unique latent and caption once) and return the cache.
 
     An encoder may be None when everything it would encode is cached already; otherwise a
-    :class:`TrainerInputError` says what is missing before anything is encoded.
+    :class:`TrainerInputError` says what is missing before anything is encoded. ``empty_caption`` also caches
+    the empty caption, which caption dropout trains with. Items with a mask get their loss weights cached at
+    latent resolution.
     """
     items = list(items)
     if not items:
@@ -103,6 +134,7 @@ def build_cache(items: Sequence[DatasetItem], image_encoder: ImageEncoder | None
     latent_dir, text_dir = root / "latents", root / "text"
     latent_dir.mkdir(exist_ok=True)
     text_dir.mkdir(exist_ok=True)
+    mask_files = _cache_masks(items, root / "masks")
 
     latent_keys = [latent_key(item) for item in items]
     text_keys = [text_key(item.caption) for item in items]
@@ -110,6 +142,8 @@ def build_cache(items: Sequence[DatasetItem], image_encoder: ImageEncoder | None
     for key, item in zip(latent_keys, items):
         by_latent.setdefault(key, item)  # identical items (e.g. duplicate files) share one latent
     by_text = {key: item.caption for key, item in zip(text_keys, items)}
+    if empty_caption:
+        by_text.setdefault(text_key(""), "")
     latents = _plan(latent_dir, {k: _latent_shape_check(i) for k, i in by_latent.items()}, image_encoder)
     texts = _plan(text_dir, {k: _text_shape_check for k in by_text}, text_encoder)
     _require(image_encoder, latents, len(by_latent), latent_dir, "images have", "the VAE (CLI: model.vae)")
@@ -141,7 +175,7 @@ def build_cache(items: Sequence[DatasetItem], image_encoder: ImageEncoder | None
     log.info("cache %s: %d files reused, %d encoded (%d latents, %d captions)",
              root, reused, encoded, len(by_latent), len(by_text))
     return LatentCache(items, [latents.found[k] for k in latent_keys], [texts.found[k] for k in text_keys],
-                       reused, encoded)
+                       reused, encoded, mask_files)
 
 
 def build_prompt_cache(prompts: Sequence[str], text_encoder: TextEncoder | None,
@@ -164,6 +198,31 @@ def build_prompt_cache(prompts: Sequence[str], text_encoder: TextEncoder | None,
     for key in keys:
         tensors = _load(texts.found[key])
         out.append((tensors["hidden"], tensors["pooled"]))
+    return out
+
+
+def mask_key(item: DatasetItem) -> str:
+    return _digest("mask", PREPROCESS_VERSION, item.mask_hash, item.width, item.height, list(item.crop),
+                   item.flip)[:32]
+
+
+def _cache_masks(items: Sequence[DatasetItem], folder: Path) -> list[Path | None]:
+    """Each item's mask averaged over 8×8 pixel cells (one latent cell each); no encoder needed."""
+    out: list[Path | None] = []
+    for item in items:
+        if item.mask is None:
+            out.append(None)
+            continue
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{mask_key(item)}{_SUFFIX}"
+        expected = [1, item.height // 8, item.width // 8]
+        if not (path.is_file() and _valid(path, lambda shapes: shapes.get("mask") == expected)):
+            weights = torch.nn.functional.avg_pool2d(item.load_mask()[None], 8)[0]
+            save_safetensors({"mask": weights.contiguous()}, path, {"format": "flux-lora-trainer-mask/1",
+                                                                    "source": Path(str(item.mask)).name})
+        out.append(path)
+    if any(p is not None for p in out):
+        log.info("cache: %d of %d items have a loss mask", sum(p is not None for p in out), len(out))
     return out
 
 

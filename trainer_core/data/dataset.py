@@ -50,14 +50,31 @@ class DatasetItem:
     content_hash: str  # sha256 of the image file bytes (or of the in-memory pixels)
     repeats: int = 1
     image: Image.Image | None = field(default=None, repr=False, compare=False)  # in-memory source only
+    mask: Path | str | None = None  # loss-weight mask (dataset.masked_loss): a grey-scale image file or an id
+    mask_hash: str = ""  # sha256 of the mask file bytes (or of the in-memory mask)
+    mask_image: Image.Image | None = field(default=None, repr=False, compare=False)  # in-memory mask only
 
     def load_pixels(self) -> torch.Tensor:
         """[3, height, width] float in 0..1: the crop box resized to the bucket (one resample), then flipped."""
         img = self.image if self.image is not None else self._read_file()
+        return _to_tensor(self._place(img))
+
+    def load_mask(self) -> torch.Tensor | None:
+        """[1, height, width] loss weights in 0..1 (white = 1), cropped, resized and flipped like the image."""
+        if self.mask is None:
+            return None
+        img = self.mask_image
+        if img is None:
+            data = _read_bytes(Path(self.mask))
+            if hashlib.sha256(data).hexdigest() != self.mask_hash:
+                raise TrainerInputError(f"mask '{self.mask}' changed since the dataset was scanned. Scan the dataset "
+                                        f"again (re-run the dataset step).")
+            img = _decode(data, f"mask '{self.mask}'", mode="L")
+        return _to_tensor(self._place(img))
+
+    def _place(self, img: Image.Image) -> Image.Image:
         img = img.resize((self.width, self.height), Image.Resampling.LANCZOS, box=self.crop, reducing_gap=3.0)
-        if self.flip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if self.flip else img
 
     def _read_file(self) -> Image.Image:
         data = _read_bytes(Path(self.source))
@@ -68,6 +85,11 @@ class DatasetItem:
                 f"(re-run the dataset step) so the new image is cached under its new content."
             )
         return _decode(data, f"dataset image '{self.source}'")
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).float() / 255.0
+    return pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)
 
 
 def scan_dataset(cfg: DatasetConfig) -> list[DatasetItem]:
@@ -84,6 +106,9 @@ def scan_dataset(cfg: DatasetConfig) -> list[DatasetItem]:
             f"same-name {_caption_ext(cfg)} caption file."
         )
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    masks: dict[Path, Path] = {}
+    if cfg.masked_loss:
+        masks, images = _pair_masks(images, cfg.mask_suffix)
     if not images:
         found = Counter(p.suffix.lower() or "(no extension)" for p in files)
         listing = ", ".join(f"{n} × {ext}" for ext, n in sorted(found.items()))
@@ -96,14 +121,18 @@ def scan_dataset(cfg: DatasetConfig) -> list[DatasetItem]:
         data = _read_bytes(path)
         size = _decode(data, f"dataset image '{path}'").size
         caption = with_trigger(_caption_for(path, cfg), cfg.trigger_word)
-        items += _items_for(path, size, hashlib.sha256(data).hexdigest(), caption, cfg, f"dataset image '{path}'")
+        mask = _mask_for(path, size, masks.get(path))
+        items += _items_for(path, size, hashlib.sha256(data).hexdigest(), caption, cfg, f"dataset image '{path}'",
+                            mask=mask)
     log.info("dataset: %d images → %d items from %s", len(images), len(items), folder)
     return items
 
 
-def dataset_from_images(images: torch.Tensor, captions: Sequence[str], cfg: DatasetConfig) -> list[DatasetItem]:
+def dataset_from_images(images: torch.Tensor, captions: Sequence[str], cfg: DatasetConfig,
+                        masks: torch.Tensor | None = None) -> list[DatasetItem]:
     """Items from a ComfyUI IMAGE batch [B, H, W, C] in 0..1. ``captions``: one per image, one for all,
-    or none (then each caption is the trigger word alone). ``cfg.folder`` is not used."""
+    or none (then each caption is the trigger word alone). ``cfg.folder`` is not used. ``masks``: loss
+    weights [B, H, W] (or [H, W] for all) in 0..1, used when ``cfg.masked_loss``."""
     cfg.validate()
     if images.ndim != 4 or images.shape[-1] not in (3, 4):
         raise TrainerInputError(
@@ -119,14 +148,47 @@ def dataset_from_images(images: torch.Tensor, captions: Sequence[str], cfg: Data
     if len(captions) <= 1:
         captions = (captions or [""]) * count
     pixels = (images[..., :3].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    mask_pixels = _mask_batch(masks, images.shape[:3]) if cfg.masked_loss and masks is not None else None
     items: list[DatasetItem] = []
     for i in range(count):
         img = Image.fromarray(pixels[i], "RGB")
         digest = hashlib.sha256(repr(pixels[i].shape).encode() + pixels[i].tobytes()).hexdigest()
         caption = with_trigger(" ".join(captions[i].split()), cfg.trigger_word)
         label = f"image {i + 1} of the batch"
-        items += _items_for(f"image {i + 1}", img.size, digest, caption, cfg, label, image=img)
+        mask = None
+        if mask_pixels is not None:
+            m = mask_pixels[i]
+            mask = (f"mask {i + 1}", hashlib.sha256(repr(m.shape).encode() + m.tobytes()).hexdigest(),
+                    Image.fromarray(m, "L"))
+        items += _items_for(f"image {i + 1}", img.size, digest, caption, cfg, label, image=img, mask=mask)
     return items
+
+
+def _mask_batch(masks: torch.Tensor, shape) -> np.ndarray:
+    count, height, width = shape
+    if masks.ndim == 2:
+        masks = masks[None].expand(count, -1, -1)
+    if masks.ndim != 3 or masks.shape[0] not in (1, count) or tuple(masks.shape[1:]) != (height, width):
+        raise TrainerInputError(
+            f"masks: expected a MASK batch [{count}, {height}, {width}] matching the images, got {list(masks.shape)}. "
+            f"Give one mask per image at the images' size."
+        )
+    masks = masks.expand(count, -1, -1)
+    return (masks.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def caption_variant(caption: str, rng: random.Random, dropout: float = 0.0, shuffle: bool = False,
+                    keep: int = 1) -> str:
+    """The caption one training sample sees: empty with probability ``dropout``; else, with ``shuffle``, its
+    comma-separated tags shuffled after the first ``keep`` (which keep their place, e.g. the trigger word)."""
+    if dropout and rng.random() < dropout:
+        return ""
+    if not shuffle:
+        return caption
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, tail = tags[:keep], tags[keep:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)
 
 
 def with_trigger(caption: str, trigger: str) -> str:
@@ -211,7 +273,8 @@ class BatchOrder:
 def dataset_fingerprint(items: Sequence[DatasetItem]) -> str:
     """A short hash of what the model trains on (pixels, captions, sizes, crops, flips, repeats, order);
     file names and folders do not count, so moving the dataset keeps it."""
-    rows = [[i.content_hash, i.caption, i.width, i.height, list(i.crop), i.flip, i.repeats] for i in items]
+    rows = [[i.content_hash, i.caption, i.width, i.height, list(i.crop), i.flip, i.repeats]
+            + ([i.mask_hash] if i.mask is not None else []) for i in items]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
@@ -219,7 +282,8 @@ def dataset_fingerprint(items: Sequence[DatasetItem]) -> str:
 
 
 def _items_for(source, size: tuple[int, int], digest: str, caption: str, cfg: DatasetConfig, label: str,
-               image: Image.Image | None = None) -> list[DatasetItem]:
+               image: Image.Image | None = None, mask: tuple | None = None) -> list[DatasetItem]:
+    """``mask``: (path or id, content hash, in-memory image or None), or None for no mask."""
     width, height = size
     resolutions = sorted(set(cfg.resolutions))
     items = []
@@ -239,7 +303,7 @@ def _items_for(source, size: tuple[int, int], digest: str, caption: str, cfg: Da
                         label, width, height, res, bw, bh)
             continue
         for flip in (False, True) if cfg.flip else (False,):
-            items.append(DatasetItem(source, caption, bw, bh, crop, flip, digest, cfg.repeats, image))
+            items.append(DatasetItem(source, caption, bw, bh, crop, flip, digest, cfg.repeats, image, *(mask or ())))
     return items
 
 
@@ -285,7 +349,40 @@ def _read_bytes(path: Path) -> bytes:
         ) from exc
 
 
-def _decode(data: bytes, label: str) -> Image.Image:
+def _pair_masks(images: list[Path], suffix: str) -> tuple[dict[Path, Path], list[Path]]:
+    """Split ``<stem><suffix>.<ext>`` mask files from the training images: ({image: mask}, images)."""
+    suffix = suffix.strip().lower()
+    is_mask = [p for p in images if p.stem.lower().endswith(suffix)]
+    training = [p for p in images if p not in is_mask]
+    by_stem = {p.stem.lower(): p for p in training}
+    pairs = {}
+    for mask in is_mask:
+        image = by_stem.get(mask.stem.lower()[: -len(suffix)])
+        if image is None:
+            log.warning("mask %s has no image of the same name; ignored", mask)
+        else:
+            pairs[image] = mask
+    without = len(training) - len(pairs)
+    if without:
+        log.info("masked loss: %d of %d images have no %s mask and train on every pixel", without, len(training),
+                 suffix)
+    return pairs, training
+
+
+def _mask_for(image: Path, size: tuple[int, int], mask: Path | None) -> tuple | None:
+    if mask is None:
+        return None
+    data = _read_bytes(mask)
+    mask_size = _decode(data, f"mask '{mask}'", mode="L").size
+    if mask_size != size:
+        raise TrainerInputError(
+            f"mask '{mask}' is {mask_size[0]}×{mask_size[1]} px but its image '{image.name}' is {size[0]}×{size[1]}. "
+            f"Save the mask at the image's size (white = train, black = ignore)."
+        )
+    return mask, hashlib.sha256(data).hexdigest(), None
+
+
+def _decode(data: bytes, label: str, mode: str = "RGB") -> Image.Image:
     """Decode fully (so truncated files fail here, not mid-training), apply EXIF rotation, flatten to RGB."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
@@ -295,6 +392,8 @@ def _decode(data: bytes, label: str) -> Image.Image:
         raise TrainerInputError(
             f"{label} is corrupt or not an image ({exc}). Re-export it as PNG or JPEG, or remove it from the folder."
         ) from exc
+    if mode == "L":  # a mask: grey levels are loss weights
+        return img.convert("L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Transparent areas become white rather than whatever colour happens to sit under alpha 0.
         rgba = img.convert("RGBA")

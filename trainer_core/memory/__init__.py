@@ -99,7 +99,7 @@ def prepare_training(transformer: torch.nn.Module, mem: MemoryConfig, device: to
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     compute_dtype = _COMPUTE_DTYPE.get(transformer, transformer.x_embedder.weight.dtype)
-    lora_compute_in_input_dtype(transformer, DTYPES[mem.lora_dtype])
+    lora_compute_in_input_dtype(transformer, DTYPES[mem.lora_dtype], compute_dtype)
     apply_storage_casts(transformer, mem.base_precision, compute_dtype)
 
     blocks = transformer_blocks(transformer)

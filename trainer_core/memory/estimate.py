@@ -185,9 +185,14 @@ def _resolve(targets: str) -> str:
 
 
 def _optimizer_bytes(n_params: int, optimizer: str, lora_bytes: int) -> int:
-    if optimizer == "adamw8bit":  # two uint8 states + one fp32 absmax per 256 values each
-        return 2 * n_params + 2 * 4 * (-(-n_params // 256))
-    return 2 * n_params * lora_bytes  # exp_avg and exp_avg_sq in the parameters' dtype
+    """Optimizer state: per value, 8-bit states cost a byte (+ an fp32 absmax per 256), others the parameters'
+    dtype. AdamW: 2 moments; Lion: 1; Adafactor: first moment (second moment factored, negligible);
+    Prodigy: 2 moments + s + the initial weights."""
+    eight_bit = {"adamw8bit": 2, "paged_adamw8bit": 2, "lion8bit": 1}
+    if optimizer in eight_bit:
+        return eight_bit[optimizer] * (n_params + 4 * (-(-n_params // 256)))
+    states = {"adamw": 2, "adafactor": 1, "prodigy": 4}.get(optimizer, 2)
+    return states * n_params * lora_bytes
 
 
 def estimate_vram(

@@ -3,6 +3,7 @@
 Rule: every parameter outside the blocks' linear layers (embedders, norms, biases) is kept in the compute
 dtype; the blocks' linear weights — 99 % of FLUX — are kept in the storage precision:
 
+* auto: the compute dtype.
 * bf16 / fp32: plain tensors (a cast on use when storage ≠ compute).
 * fp8 (e4m3fn): one byte per weight, cast to the compute dtype inside the matmul (:class:`CastLinear`).
 * nf4 / int8: bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` layers with the compute dtype.
@@ -126,7 +127,7 @@ def apply_storage_casts(transformer: nn.Module, precision: str, compute_dtype: t
     return count
 
 
-def lora_compute_in_input_dtype(transformer: nn.Module, lora_dtype: torch.dtype) -> int:
+def lora_compute_in_input_dtype(transformer: nn.Module, lora_dtype: torch.dtype, compute_dtype: torch.dtype) -> int:
     """LoRA masters to ``lora_dtype``; their matmuls run in the activations' dtype. Returns the layer count."""
     from peft.tuners.lora import LoraLayer
 
@@ -139,7 +140,8 @@ def lora_compute_in_input_dtype(transformer: nn.Module, lora_dtype: torch.dtype)
             for layer in container.values():
                 for param in layer.parameters():
                     param.data = param.data.to(lora_dtype)
-                _as_cast_linear(layer)
+                if lora_dtype != compute_dtype:
+                    _as_cast_linear(layer)
         count += 1
     return count
 

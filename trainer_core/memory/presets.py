@@ -160,7 +160,7 @@ def check_fits(estimate: VramEstimate, mem: MemoryConfig, budget: int | None, wo
     knobs = []
     if not mem.gradient_checkpointing:
         knobs.append("gradient_checkpointing = true")
-    if mem.base_precision in ("bf16", "fp32"):
+    if mem.base_precision in ("auto", "bf16", "fp32"):
         knobs.append("base_precision = \"fp8\"")
     if estimate.blocks_swapped < estimate.blocks_total:
         knobs.append(f"blocks_to_swap above {estimate.blocks_swapped}")
@@ -174,23 +174,31 @@ def check_fits(estimate: VramEstimate, mem: MemoryConfig, budget: int | None, wo
 
 
 def plan_memory(mem: MemoryConfig, workload: Workload | None = None, *, free_bytes: int | None = None,
-                explicit: Iterable[str] | None = None) -> tuple[MemoryConfig, VramEstimate]:
+                explicit: Iterable[str] | None = None,
+                device: torch.device | str | None = None) -> tuple[MemoryConfig, VramEstimate]:
     """Resolve ``mem.preset`` into knobs, estimate the peak, and refuse a plan that will not fit.
 
     ``explicit``: names of the fields the user set (the rest come from the preset); default: the fields
     that differ from :class:`MemoryConfig`'s defaults. The budget is ``mem.vram_budget_gb`` if set, else
-    ``free_bytes``, else the free VRAM detected (no check without a GPU). "auto" steps down to the largest
-    tier that fits; a named tier or hand-set knobs that do not fit raise :class:`TrainerInputError`.
+    ``free_bytes``, else the free VRAM detected on ``device`` (no check when training on the CPU). "auto"
+    steps down to the largest tier that fits; a named tier or hand-set knobs that do not fit raise
+    :class:`TrainerInputError`.
     """
     workload = workload or Workload()
-    resolved = resolve_preset(mem.preset, explicit_overrides(mem, explicit), free_bytes, workload)
+    overrides = explicit_overrides(mem, explicit)
+    on_cpu = device is not None and torch.device(device).type != "cuda"
+    if on_cpu and mem.preset == "auto":
+        resolved = MemoryConfig(**overrides).validate()  # no VRAM to fit: the plain defaults
+    else:
+        resolved = resolve_preset(mem.preset, overrides, free_bytes, workload)
     if resolved.batch_size:
         workload = dataclasses.replace(workload, batch_size=resolved.batch_size)
     estimate = workload.estimate(resolved)
-    budget = int(resolved.vram_budget_gb * GiB) if resolved.vram_budget_gb else free_bytes
-    if budget is None:
-        budget = free_vram_bytes()
-    check_fits(estimate, resolved, budget, workload)
+    if not on_cpu:
+        budget = int(resolved.vram_budget_gb * GiB) if resolved.vram_budget_gb else free_bytes
+        if budget is None:
+            budget = free_vram_bytes(device)
+        check_fits(estimate, resolved, budget, workload)
     return resolved, estimate
 
 

@@ -1,0 +1,18 @@
+"""The pack's ComfyUI nodes (classic node API). Importable without ComfyUI; the pack root registers them only
+when ComfyUI is running."""
+
+from .cache import FluxLoraCache
+from .dataset import FluxLoraDataset
+from .train import FluxLoraTrain
+
+NODE_CLASS_MAPPINGS = {
+    "FluxLoraDataset": FluxLoraDataset,
+    "FluxLoraCache": FluxLoraCache,
+    "FluxLoraTrain": FluxLoraTrain,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FluxLoraDataset": "FLUX LoRA Dataset",
+    "FluxLoraCache": "FLUX LoRA Cache",
+    "FluxLoraTrain": "FLUX LoRA Train",
+}

@@ -1,0 +1,162 @@
+"""FluxLoraTrain: train a LoRA on the given FLUX.1 MODEL → MODEL with it applied, LORA_MODEL, LOSS_MAP, file name."""
+
+from __future__ import annotations
+
+import traceback
+
+import torch
+
+from ..trainer_core.config import OPTIMIZERS, TIMESTEP_SAMPLERS, LoraConfig, SampleConfig, TrainConfig
+from ..trainer_core.errors import TrainerInputError
+from . import comfy_bridge as bridge
+
+CATEGORY = "FLUX LoRA"
+MAX_STEPS = 1_000_000
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def configs(rank, alpha, learning_rate, steps, optimizer, timestep_sampling, guidance, seed, checkpoint_every,
+            compute_dtype: str) -> tuple[LoraConfig, TrainConfig]:
+    """The node's widgets as trainer_core settings, validated before anything heavy is loaded."""
+    lora_cfg = LoraConfig(rank=rank, alpha=alpha).validate()
+    train_cfg = TrainConfig(steps=steps, learning_rate=learning_rate, optimizer=optimizer,
+                            timestep_sampling=timestep_sampling, guidance=guidance, seed=seed,
+                            checkpoint_every=checkpoint_every, compute_dtype=compute_dtype).validate()
+    return lora_cfg, train_cfg
+
+
+class FluxLoraTrain:
+    DESCRIPTION = ("Trains a LoRA on the weights of the connected FLUX.1 MODEL. Shows loss and progress on the node; "
+                   "Cancel saves a resumable checkpoint. The LoRA goes to output/loras (LoraLoader lists it) and "
+                   "comes out applied to the MODEL, ready for KSampler.")
+    CATEGORY = CATEGORY
+    FUNCTION = "train"
+    RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP", "STRING")
+    RETURN_NAMES = ("model", "lora", "loss", "lora_name")
+    OUTPUT_TOOLTIPS = (
+        "The input MODEL with the trained LoRA applied through ComfyUI's LoRA patching (connect to KSampler).",
+        "The LoRA weights (for Load LoRA Model / LoraModelLoader).",
+        "Loss per step (for Plot Loss Graph / LossGraphNode).",
+        "The LoRA's file name in output/loras, as LoraLoader lists it.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "FLUX.1 dev or schnell from Load Diffusion Model (UNETLoader); LoRAs "
+                                               "already applied to it are merged into the base."}),
+                "cache": ("FLUX_LORA_CACHE", {"tooltip": "From FLUX LoRA Cache."}),
+                "rank": ("INT", {"default": 16, "min": 1, "max": 256,
+                                 "tooltip": "LoRA rank: capacity and file size. 8–32 suits a subject or style."}),
+                "alpha": ("FLOAT", {"default": 16.0, "min": 0.01, "max": 1024.0, "step": 0.5,
+                                    "tooltip": "LoRA alpha; the update is scaled by alpha / rank. Equal to rank "
+                                               "is the usual choice."}),
+                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 10.0, "step": 1e-5,
+                                            "round": 1e-7,
+                                            "tooltip": "Step size of the optimizer; 1e-4 is typical for FLUX "
+                                                       "LoRAs, lower if the loss jumps around."}),
+                "steps": ("INT", {"default": 1000, "min": 1, "max": MAX_STEPS,
+                                  "tooltip": "Optimizer steps to train to (with resume: the total, not extra)."}),
+                "optimizer": (list(OPTIMIZERS), {"default": "adamw",
+                                                 "tooltip": "The optimizer. The 8-bit ones (bitsandbytes) need less memory; prodigy "
+                                                            "adapts its own step size (set learning_rate 1.0)."}),
+                "timestep_sampling": (list(TIMESTEP_SAMPLERS), {
+                    "default": "flux_shift",
+                    "tooltip": "How noise levels are drawn: flux_shift follows FLUX's resolution-dependent "
+                               "schedule; sigmoid/shift/uniform are the other common choices."}),
+                "guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.1,
+                                       "tooltip": "Guidance value fed to FLUX.1 dev while training (1.0 is the "
+                                                  "common choice; ignored by schnell)."}),
+                "seed": ("INT", {"default": 42, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
+                                 "tooltip": "Seeds LoRA init, noise and data order. Keep it fixed to resume."}),
+                "checkpoint_every": ("INT", {"default": 250, "min": 0, "max": MAX_STEPS,
+                                             "tooltip": "Save a resumable checkpoint every N steps (0 = only on "
+                                                        "Cancel and at the end)."}),
+                "output_name": ("STRING", {"default": "flux_lora", "multiline": False,
+                                           "tooltip": "File name in output/loras. An existing file is never "
+                                                      "overwritten: a new run gets _001, _002…"}),
+                "resume": ("BOOLEAN", {"default": False,
+                                       "tooltip": "Continue the run called output_name from its newest checkpoint "
+                                                  "(e.g. after Cancel), with the same settings."}),
+            },
+            "optional": {
+                "memory": ("FLUX_LORA_MEMORY", {"tooltip": "Memory settings (precision, block swap, "
+                                                           "checkpointing). Default: bf16 base, everything on the "
+                                                           "GPU."}),
+                "sample_every": ("INT", {"default": 0, "min": 0, "max": MAX_STEPS,
+                                         "tooltip": "Draw a validation sample into the preview every N steps and at "
+                                                    "the end (0 = loss curve only). Each costs 20 sampling steps."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def train(self, model, cache, rank, alpha, learning_rate, steps, optimizer, timestep_sampling, guidance, seed,
+              checkpoint_every, output_name, resume, memory=None, sample_every=0, unique_id=None):
+        import comfy.model_management as mm
+
+        from ..trainer_core.fileio import safe_output_name
+        from ..trainer_core.lora import read_lora_file
+        from ..trainer_core.models.flux import load_flux_transformer
+        from ..trainer_core.train import train_lora
+
+        _check_cache(cache)
+        variant = bridge.flux_variant(model)
+        device = bridge.training_device()
+        dtype_name = bridge.compute_dtype_name(device)
+        lora_cfg, train_cfg = configs(rank, alpha, learning_rate, steps, optimizer, timestep_sampling, guidance, seed,
+                                      checkpoint_every, dtype_name)
+        name = safe_output_name(output_name)
+        _, output_dir = bridge.comfy_folders()
+        loras_dir = output_dir / "loras"
+        validation = self._validation(cache, sample_every, variant)
+
+        make_bar, send_text, check_interrupt = bridge.comfy_progress(unique_id)
+        send_text("loading the model for training…")
+        bridge.free_vram()
+        dtype = DTYPES[dtype_name]
+        transformer = load_flux_transformer(bridge.flux_state_dict(model, dtype), dtype=dtype, device="cpu")
+        decoder = bridge.ComfyImageEncoder(cache.vae).decode if validation and cache.vae is not None else None
+        progress = bridge.NodeProgress(make_bar(train_cfg.steps), send_text, check_interrupt, decoder)
+        try:
+            result = train_lora(
+                transformer, cache.cache, lora_cfg=lora_cfg, train_cfg=train_cfg, output_dir=loras_dir,
+                output_name=name, mem_cfg=memory, resume=resume,
+                checkpoint_root=output_dir / bridge.WORK_FOLDER / "checkpoints", validation=validation,
+                metadata={"base_model": f"FLUX.1 {variant} (ComfyUI MODEL)", "trigger_word": cache.trigger_word,
+                          "resolutions": ",".join(map(str, cache.resolutions))},
+                callbacks=progress, device=device,
+            )
+        except BaseException as exc:
+            if isinstance(exc, mm.InterruptProcessingException):
+                send_text(f"cancelled at step {progress.step}: checkpoint saved. Queue again with resume on to "
+                          f"continue '{name}'.")
+            # ComfyUI keeps the error for its report; its traceback must not keep the trainer's model alive.
+            traceback.clear_frames(exc.__traceback__)
+            raise
+        finally:
+            del transformer
+            bridge.release()
+        lora, _ = read_lora_file(result.lora_path)
+        lora_name = result.lora_path.relative_to(loras_dir).as_posix()
+        send_text(f"done: {lora_name} · {result.steps} steps"
+                  + (f" (resumed at {result.resumed_from})" if result.resumed_from else "")
+                  + f" · final loss {result.losses[-1]:.4f}")
+        return (bridge.model_with_lora(model, lora), lora, {"loss": list(result.losses)}, lora_name)
+
+    @staticmethod
+    def _validation(cache, sample_every: int, variant: str):
+        from ..trainer_core.train import ValidationPrompts
+
+        if not sample_every:
+            return None
+        embeddings = list(cache.prompts) or [cache.cache.text(0)]
+        width, height = cache.cache.sizes[0]
+        config = SampleConfig(prompts=list(cache.prompt_texts), every=sample_every, width=width, height=height,
+                              guidance=3.5 if variant == "dev" else 1.0).validate()
+        return ValidationPrompts(embeddings, config)
+
+
+def _check_cache(cache) -> None:
+    if cache is None or not len(cache.cache):
+        raise TrainerInputError("cache: it holds no items. Connect FLUX LoRA Cache with a non-empty dataset.")

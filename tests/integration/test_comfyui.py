@@ -1,0 +1,306 @@
+"""The pack inside a real ComfyUI: start it headless on a free loopback port with only this pack enabled, build
+tiny model files its own loaders accept (fixtures.py), and run the shipped API workflow over HTTP.
+
+Needs COMFYUI_DIR (a ComfyUI checkout, 0.8 or later) and COMFYUI_PYTHON (the Python ComfyUI runs with, with this
+pack's requirements installed); skipped otherwise. ``make test-comfyui`` runs it. About 3–4 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).parent))
+build_fixtures = importlib.import_module("fixtures").build_fixtures  # beside this file; tests/ is no package
+
+ROOT = Path(__file__).resolve().parents[2]
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", "")
+PACK_FOLDER = "flux_lora_trainer"  # the pack's folder name inside custom_nodes/
+WORKFLOW = ROOT / "workflows" / "api" / "flux_lora_train.json"
+SNAPSHOT = Path(__file__).parent / "comfyui_core_nodes.json"
+
+pytestmark = pytest.mark.skipif(
+    not (COMFYUI_DIR and COMFYUI_PYTHON),
+    reason="real-ComfyUI tests: set COMFYUI_DIR (a ComfyUI checkout) and COMFYUI_PYTHON (its Python) to run them",
+)
+
+
+@dataclass
+class Server:
+    url: str
+    base: Path
+    log: Path
+    fixtures: object  # fixtures.Fixtures
+
+    def request(self, path: str, body: dict | None = None):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as response:
+                text = response.read().decode()
+        except urllib.error.HTTPError as exc:
+            pytest.fail(f"{path}: HTTP {exc.code}: {exc.read().decode()[:2000]}")
+        return json.loads(text) if text else None
+
+    def queue(self, prompt: dict) -> str:
+        return self.request("/prompt", {"prompt": prompt})["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.request(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+                return entry
+            time.sleep(0.5)
+        pytest.fail(f"prompt {prompt_id} did not finish in {timeout} s; log tail:\n{self.log_tail()}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def output_file(self, history: dict, node_id: str) -> Path:
+        image = history["outputs"][node_id]["images"][0]
+        return self.base / image["type"] / image["subfolder"] / image["filename"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfyui")
+    started = time.monotonic()
+    fixtures = build_fixtures(base)
+    print(f"\nfixtures built in {time.monotonic() - started:.1f} s")
+    (base / "custom_nodes" / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
+    port = _free_port()
+    log = base / "comfyui.log"
+    command = [
+        COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+        "--log-stdout", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
+        "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_FOLDER,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=out, stderr=subprocess.STDOUT, env=env)
+    srv = Server(f"http://127.0.0.1:{port}", base, log, fixtures)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {process.returncode}:\n{srv.log_tail()}")
+            try:
+                urllib.request.urlopen(srv.url + "/system_stats", timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"ComfyUI did not answer within 120 s:\n{srv.log_tail()}")
+                time.sleep(0.5)
+        print(f"ComfyUI ready after {time.monotonic() - started:.1f} s")
+        yield srv
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def adapt(api: dict, fx, **train: object) -> dict:
+    """The shipped workflow on the tiny fixtures: same graph, fixture files, 64 px, one sampling step.
+
+    DualCLIPLoader becomes CLIPLoader(stable_diffusion) with the same node id: ComfyUI's T5-XXL is fixed at
+    4.7 B parameters, so on CPU a CLIP-L provides both the hidden states and the pooled vector.
+    """
+    api = copy.deepcopy(api)
+    seen = set()
+    for node in api.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        seen.add(kind)
+        if kind == "UNETLoader":
+            inputs["unet_name"] = fx.flux
+        elif kind == "DualCLIPLoader":
+            node["class_type"] = "CLIPLoader"
+            node["inputs"] = {"clip_name": fx.clip, "type": "stable_diffusion"}
+        elif kind == "VAELoader":
+            inputs["vae_name"] = fx.vae
+        elif kind == "FluxLoraDataset":
+            inputs.update(folder=fx.dataset, resolutions="64")
+        elif kind == "FluxLoraTrain":
+            inputs.update(rank=4, alpha=4.0, learning_rate=2e-3, timestep_sampling="sigmoid", checkpoint_every=0,
+                          sample_every=0)
+            inputs.update(train)
+        elif kind in ("EmptySD3LatentImage", "EmptyLatentImage"):
+            inputs.update(width=64, height=64)
+        elif kind == "KSampler":
+            inputs["steps"] = 1
+    assert {"UNETLoader", "DualCLIPLoader", "VAELoader", "FluxLoraDataset", "FluxLoraTrain", "KSampler"} <= seen
+    return api
+
+
+def training_only(api: dict) -> dict:
+    """The nodes FluxLoraTrain and LossGraphNode need (the loss graph is the output that makes Train run)."""
+    keep, todo = set(), [k for k, v in api.items() if v["class_type"] == "LossGraphNode"]
+    while todo:
+        node_id = todo.pop()
+        if node_id not in keep:
+            keep.add(node_id)
+            todo += [v[0] for v in api[node_id]["inputs"].values() if isinstance(v, list)]
+    return {k: v for k, v in api.items() if k in keep}
+
+
+def _node_id(api: dict, class_type: str) -> str:
+    return next(k for k, v in api.items() if v["class_type"] == class_type)
+
+
+def _lora_steps(path: Path) -> int:
+    with safe_open(str(path), framework="pt") as f:
+        return int(f.metadata()["steps"])
+
+
+def test_comfyui_loads_the_pack_and_the_core_node_snapshot_is_current(server):
+    log = server.log_text()
+    assert "IMPORT FAILED" not in log, server.log_tail()
+    assert re.search(rf"seconds: .*{PACK_FOLDER}", log), "the pack is not in ComfyUI's import list"
+    info = server.request("/object_info")
+    assert {"FluxLoraDataset", "FluxLoraCache", "FluxLoraTrain"} <= set(info)
+    for name, spec in json.loads(SNAPSHOT.read_text())["nodes"].items():
+        live = info[name]
+        assert live["output"] == spec["output"], name
+        assert {k: v for k, v in live["input_order"].items() if k != "hidden"} == spec["input_order"], name
+        for section, inputs in spec["input"].items():
+            for input_name, (kind, *options) in inputs.items():
+                live_kind, *live_options = live["input"][section][input_name]
+                if kind == []:  # the user's files
+                    assert isinstance(live_kind, list), (name, input_name)
+                    continue
+                assert live_kind == kind, (name, input_name)
+                live_options = {k: v for k, v in (live_options or [{}])[0].items() if k != "tooltip"}
+                assert live_options == (options or [{}])[0], (name, input_name)
+
+
+def test_training_workflow_runs_and_its_lora_reaches_ksampler(server):
+    fx = server.fixtures
+    api = adapt(json.loads(WORKFLOW.read_text()), fx, steps=2, output_name="it_lora")
+    # The same sampling without the LoRA, to compare with: the base MODEL into a copy of the first KSampler.
+    sampler = min(k for k, v in api.items() if v["class_type"] == "KSampler")
+    decode = next(k for k, v in api.items() if v["class_type"] == "VAEDecode" and v["inputs"]["samples"][0] == sampler)
+    save = next(k for k, v in api.items() if v["class_type"] == "SaveImage" and v["inputs"]["images"][0] == decode)
+    unet, train = _node_id(api, "UNETLoader"), _node_id(api, "FluxLoraTrain")
+
+    def sample_branch(first: int, model: list, prefix: str) -> str:
+        api[str(first)] = copy.deepcopy(api[sampler])
+        api[str(first)]["inputs"]["model"] = model
+        api[str(first + 1)] = {"class_type": "VAEDecode", "inputs": {**api[decode]["inputs"], "samples": [str(first), 0]}}
+        api[str(first + 2)] = {"class_type": "SaveImage", "inputs": {"images": [str(first + 1), 0],
+                                                                      "filename_prefix": prefix}}
+        return str(first + 2)
+
+    base_save = sample_branch(900, [unet, 0], "base")
+    # The LORA_MODEL output through ComfyUI's own LoraModelLoader must give the MODEL output's image.
+    api["910"] = {"class_type": "LoraModelLoader", "inputs": {"model": [unet, 0], "lora": [train, 1],
+                                                              "strength_model": 1.0}}
+    native_save = sample_branch(920, ["910", 0], "native")
+
+    started = time.monotonic()
+    history = server.wait(server.queue(api))
+    print(f"workflow (2 training steps, 4 sampling steps) took {time.monotonic() - started:.1f} s")
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
+
+    lora = server.base / "output" / "loras" / "it_lora.safetensors"
+    assert lora.is_file() and _lora_steps(lora) == 2
+    with safe_open(str(lora), framework="pt") as f:
+        keys = list(f.keys())
+    assert any(".single_transformer_blocks.0.attn.to_q." in k for k in keys)  # → rows of the fused linear1
+    log = server.log_text()
+    assert log.count("lora key not loaded") == 0 and "NOT LOADED" not in log
+    assert history["outputs"][_node_id(api, "LossGraphNode")]["images"]
+
+    def image(node_id: str) -> np.ndarray:
+        return np.asarray(Image.open(server.output_file(history, node_id)), dtype=np.int16)
+
+    with_lora, without = image(save), image(base_save)
+    difference = np.abs(with_lora - without)
+    print(f"LoRA vs base image: mean |Δ| {difference.mean():.3f}, max {difference.max()} (0–255)")
+    assert with_lora.shape == without.shape and difference.max() > 0
+    assert np.array_equal(image(native_save), with_lora)
+
+    # A second run under the same name keeps the first file and writes the next free name.
+    before = lora.read_bytes()
+    api[train]["inputs"]["seed"] = 7
+    history = server.wait(server.queue(training_only(api)))
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
+    assert lora.read_bytes() == before
+    assert _lora_steps(server.base / "output" / "loras" / "it_lora_001.safetensors") == 2
+
+
+def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(server):
+    fx = server.fixtures
+    steps = 5
+    api = training_only(adapt(json.loads(WORKFLOW.read_text()), fx, steps=steps, output_name="resumed",
+                              resume=True))
+    run_dir = server.base / "output" / "flux_lora_training" / "checkpoints" / "resumed"
+    prompt_id = server.queue(api)
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip()):
+        assert time.monotonic() < deadline, f"no training step within 300 s:\n{server.log_tail()}"
+        assert prompt_id not in server.request(f"/history/{prompt_id}"), "the run ended before it was cancelled"
+        time.sleep(0.2)
+    server.request("/interrupt", {})
+    history = server.wait(prompt_id)
+    assert history["status"]["status_str"] == "error"
+    assert any(kind == "execution_interrupted" for kind, _ in history["status"]["messages"])
+    (checkpoint,) = run_dir.glob("step_*.safetensors")
+    stopped_at = int(checkpoint.stem.split("_")[1])
+    assert 1 <= stopped_at < steps
+    assert not (server.base / "output" / "loras" / "resumed.safetensors").exists()
+
+    history = server.wait(server.queue(api))
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
+    assert re.search(rf"resumed from \S*step_0*{stopped_at}\.safetensors at step {stopped_at}", server.log_text())
+    assert _lora_steps(server.base / "output" / "loras" / "resumed.safetensors") == steps
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert rows[-1]["step"] == steps
+
+
+def test_installing_the_requirements_changes_nothing_comfyui_needs(tmp_path):
+    """pip would install nothing that ComfyUI's requirements name, and the environment stays consistent."""
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [COMFYUI_PYTHON, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
+         "-r", str(ROOT / "requirements.txt")], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    comfy_names = set()
+    for line in (Path(COMFYUI_DIR) / "requirements.txt").read_text().splitlines():
+        name = re.split(r"[<>=!~;\[ #]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
+        if name:
+            comfy_names.add(name)
+    changed = {item["metadata"]["name"].lower().replace("_", "-") for item in json.loads(report.read_text())["install"]}
+    assert not changed & comfy_names, f"would change ComfyUI's packages: {sorted(changed & comfy_names)}"
+    check = subprocess.run([COMFYUI_PYTHON, "-m", "pip", "check"], capture_output=True, text=True, timeout=120,
+                           check=False)
+    assert check.returncode == 0, check.stdout + check.stderr

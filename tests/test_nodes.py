@@ -1,0 +1,446 @@
+"""The ComfyUI node pack without ComfyUI: registration, input schemas, and the adapters over stand-in objects.
+
+The pack is imported the way ComfyUI imports it — as a package from its folder — so its relative imports
+(``from ..trainer_core import …``) are exercised; its trainer_core is that package's copy, so errors are
+checked by that copy's classes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = "flux_lora_pack"
+
+
+def load_pack():
+    if PACK not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PACK]
+
+
+@pytest.fixture(scope="module")
+def pack():
+    load_pack()
+    return SimpleNamespace(
+        root=sys.modules[PACK],
+        nodes=importlib.import_module(f"{PACK}.nodes"),
+        bridge=importlib.import_module(f"{PACK}.nodes.comfy_bridge"),
+        dataset=importlib.import_module(f"{PACK}.nodes.dataset"),
+        cache=importlib.import_module(f"{PACK}.nodes.cache"),
+        train=importlib.import_module(f"{PACK}.nodes.train"),
+        errors=importlib.import_module(f"{PACK}.trainer_core.errors"),
+        config=importlib.import_module(f"{PACK}.trainer_core.config"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registration and schemas
+
+def test_pack_root_imports_without_comfyui_and_registers_nothing(pack):
+    assert importlib.util.find_spec("comfy") is None, "this test needs an environment without ComfyUI"
+    assert pack.root.NODE_CLASS_MAPPINGS == {}
+    assert pack.root.NODE_DISPLAY_NAME_MAPPINGS == {}
+
+
+def test_importing_the_nodes_leaves_training_libraries_unloaded():
+    """ComfyUI imports every pack at start-up: diffusers and peft load only when a node trains."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_nodes; "
+            f"test_nodes.load_pack(); import {PACK}.nodes; "
+            f"print(sorted(m for m in ('diffusers', 'peft', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_nodes_package_registers_the_three_nodes(pack):
+    mappings = pack.nodes.NODE_CLASS_MAPPINGS
+    assert set(mappings) == {"FluxLoraDataset", "FluxLoraCache", "FluxLoraTrain"}
+    assert set(pack.nodes.NODE_DISPLAY_NAME_MAPPINGS) == set(mappings)
+    assert {cls.CATEGORY for cls in mappings.values()} == {"FLUX LoRA"}
+
+
+def _node_classes():
+    load_pack()
+    return sorted(importlib.import_module(f"{PACK}.nodes").NODE_CLASS_MAPPINGS.items())
+
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "FLUX_LORA_DATASET", "FLUX_LORA_CACHE", "FLUX_LORA_MEMORY"}
+
+
+@pytest.mark.parametrize("name,cls", _node_classes())
+def test_input_schema_is_valid(name, cls):
+    schema = cls.INPUT_TYPES()
+    assert set(schema) <= {"required", "optional", "hidden"} and schema["required"]
+    params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+    for section in ("required", "optional"):
+        for input_name, spec in schema.get(section, {}).items():
+            kind, options = spec[0], spec[1]
+            assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
+            assert isinstance(kind, list) or kind in WIDGET_TYPES | SOCKET_TYPES, (input_name, kind)
+            if isinstance(kind, list):
+                assert kind and options["default"] in kind, input_name
+            elif kind in ("INT", "FLOAT"):
+                assert options["min"] <= options["default"] <= options["max"], input_name
+                assert options["max"] < 2**63, input_name
+            elif kind in ("STRING", "BOOLEAN"):
+                assert isinstance(options["default"], str if kind == "STRING" else bool), input_name
+            # every input reaches the node function; optional ones have defaults there
+            assert input_name in params, f"{name}.{cls.FUNCTION} does not take {input_name}"
+            assert (params[input_name].default is inspect.Parameter.empty) == (section == "required"), input_name
+    for hidden in schema.get("hidden", {}):
+        assert params[hidden].default is None
+    assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
+    assert cls.DESCRIPTION
+
+
+def test_train_node_widgets_match_trainer_settings(pack):
+    """The Train node's choices are trainer_core's, and its defaults are a valid training configuration."""
+    required = pack.train.FluxLoraTrain.INPUT_TYPES()["required"]
+    assert required["optimizer"][0] == list(pack.config.OPTIMIZERS)
+    assert required["timestep_sampling"][0] == list(pack.config.TIMESTEP_SAMPLERS)
+    assert required["seed"][1]["control_after_generate"] is False  # a randomised seed would break resume
+    defaults = {k: v[1]["default"] for k, v in required.items()
+                if k in inspect.signature(pack.train.configs).parameters}
+    lora_cfg, train_cfg = pack.train.configs(**defaults, compute_dtype="bf16")
+    assert (lora_cfg.rank, train_cfg.steps, train_cfg.optimizer) == (16, 1000, "adamw")
+    with pytest.raises(pack.errors.TrainerInputError, match="rank"):
+        pack.train.configs(**{**defaults, "rank": 0}, compute_dtype="bf16")
+
+
+def test_requirements_leave_comfyui_packages_alone():
+    """The pack installs into ComfyUI's environment: lower bounds only, and nothing that ComfyUI pins itself."""
+    comfy_owned = {"torch", "torchvision", "torchaudio", "numpy", "comfyui-frontend-package"}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        requirement = line.split("#")[0].split(";")[0].strip()
+        if not requirement:
+            continue
+        name = re.split(r"[<>=!~\[ ]", requirement, maxsplit=1)[0].lower()
+        assert name not in comfy_owned, requirement
+        assert not re.search(r"<|==|~=|===", requirement), f"upper bound or pin: {requirement}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset node
+
+def test_parse_resolutions(pack):
+    assert pack.dataset.parse_resolutions("768, 512;512 1024") == [512, 768, 1024]
+    for bad, field in (("512, big", "'big'"), ("", "at least one"), ("32", "outside")):
+        with pytest.raises(pack.errors.TrainerInputError, match=field):
+            pack.dataset.parse_resolutions(bad)
+
+
+def _image(path: Path, size=(64, 48), colour=(200, 30, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def test_folder_list_offers_image_folders_only(pack, tmp_path):
+    _image(tmp_path / "cats" / "a.png")
+    _image(tmp_path / "people" / "anna" / "b.jpg")
+    (tmp_path / "3d").mkdir()
+    (tmp_path / "3d" / "model.glb").write_bytes(b"x")
+    _image(tmp_path / ".hidden" / "c.png")
+    assert pack.bridge.subfolders(tmp_path, (".png", ".jpg")) == ["cats", "people/anna"]
+    assert pack.bridge.subfolders(None, (".png",)) == []
+
+
+def test_dataset_folder_stays_inside_the_input_folder(pack, tmp_path, monkeypatch):
+    inside = tmp_path / "input" / "cats"
+    inside.mkdir(parents=True)
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    resolve = pack.bridge.resolve_dataset_folder
+    assert resolve(tmp_path / "input", "cats") == inside.resolve()
+    with pytest.raises(pack.errors.TrainerInputError, match="not a subfolder"):
+        resolve(tmp_path / "input", "../secret")
+    monkeypatch.delenv(pack.bridge.ALLOW_PATHS_ENV, raising=False)
+    with pytest.raises(pack.errors.TrainerInputError, match=pack.bridge.ALLOW_PATHS_ENV):
+        resolve(tmp_path / "input", "cats", str(outside))
+    monkeypatch.setenv(pack.bridge.ALLOW_PATHS_ENV, "1")
+    assert resolve(tmp_path / "input", "cats", str(outside)) == outside
+    with pytest.raises(pack.errors.TrainerInputError, match="absolute"):
+        resolve(tmp_path / "input", "cats", "relative/path")
+
+
+def _dataset_widgets(pack, **overrides):
+    required = pack.dataset.FluxLoraDataset.INPUT_TYPES()["required"]
+    values = {k: v[1]["default"] for k, v in required.items()}
+    return {**values, **overrides}
+
+
+def test_dataset_node_scans_a_folder_and_notices_changes(pack, tmp_path, monkeypatch):
+    node = pack.dataset.FluxLoraDataset
+    _image(tmp_path / "input" / "shapes" / "red_square.png", (96, 96))
+    (tmp_path / "input" / "shapes" / "red_square.txt").write_text("a red square", encoding="utf-8")
+    _image(tmp_path / "input" / "shapes" / "blue_thing.png", (96, 96), (20, 20, 200))
+    monkeypatch.setattr(pack.bridge, "comfy_folders", lambda: (tmp_path / "input", tmp_path / "output"))
+
+    widgets = _dataset_widgets(pack, folder="shapes", trigger_word="ohwx", resolutions="64", flip=True)
+    (spec,) = node().build(**widgets)
+    assert len(spec.items) == 4  # two images, each also mirrored
+    assert sorted({item.caption for item in spec.items}) == ["ohwx, a red square", "ohwx, blue thing"]
+    assert node.VALIDATE_INPUTS("shapes") is True
+    message = node.VALIDATE_INPUTS("gone")
+    assert "gone" in message and "input" in message
+
+    before = node.IS_CHANGED(**widgets)
+    _image(tmp_path / "input" / "shapes" / "third.png", (96, 96))
+    assert node.IS_CHANGED(**widgets) != before
+
+    with pytest.raises(pack.errors.TrainerInputError, match="none chosen"):
+        node().build(**_dataset_widgets(pack, folder=pack.dataset.NO_FOLDER))
+
+
+def test_dataset_node_takes_an_image_batch_with_captions(pack):
+    images = torch.rand(2, 64, 80, 3)
+    (spec,) = pack.dataset.FluxLoraDataset().build(
+        **_dataset_widgets(pack, folder=pack.dataset.NO_FOLDER, trigger_word="ohwx", resolutions="64"),
+        images=images, captions="a cat\n\na dog\n")
+    assert [item.caption for item in spec.items] == ["ohwx, a cat", "ohwx, a dog"]
+    assert spec.items[0].load_pixels().shape[0] == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoders over stand-ins for ComfyUI's VAE and CLIP
+
+class FakeVAE:
+    """ComfyUI's VAE contract: IMAGE [B,H,W,C] in, raw latents [B,16,H/8,W/8] out, and back."""
+
+    latent_channels = 16
+    downscale_ratio = 8
+
+    def __init__(self, scale=1.0):
+        self.first_stage_model = torch.nn.Conv2d(3, 16, 1)
+        with torch.no_grad():
+            self.first_stage_model.weight.fill_(scale)
+            self.first_stage_model.bias.zero_()
+        self.seen = []
+
+    def encode(self, pixels):
+        self.seen.append(tuple(pixels.shape))
+        b, h, w, _ = pixels.shape
+        grey = pixels.mean(-1).reshape(b, h // 8, 8, w // 8, 8).mean((2, 4))
+        return grey[:, None].repeat(1, 16, 1, 1)
+
+    def decode(self, latents):
+        return latents[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2).movedim(1, -1).clamp(0, 1)
+
+
+def test_image_encoder_converts_layout_and_latent_space(pack):
+    encoders = importlib.import_module(f"{PACK}.trainer_core.models.encoders")
+    vae = FakeVAE()
+    encoder = pack.bridge.ComfyImageEncoder(vae)
+    images = torch.rand(2, 3, 32, 48)
+    latents = encoder.encode(images)
+    assert vae.seen == [(2, 32, 48, 3)]  # ComfyUI gets IMAGE layout
+    assert latents.shape == (2, 16, 4, 6)
+    raw = images.mean(1).reshape(2, 4, 8, 6, 8).mean((2, 4))
+    torch.testing.assert_close(latents[:, 0], (raw - encoders.FLUX_VAE_SHIFT) * encoders.FLUX_VAE_SCALE)
+    decoded = encoder.decode(latents)
+    assert decoded.shape == (2, 3, 32, 48)
+    torch.testing.assert_close(decoded[:, 0, ::8, ::8], raw.clamp(0, 1))
+    assert encoder.identity == pack.bridge.ComfyImageEncoder(FakeVAE()).identity
+    assert encoder.identity != pack.bridge.ComfyImageEncoder(FakeVAE(scale=2.0)).identity
+
+
+def test_image_encoder_refuses_a_non_flux_vae(pack):
+    vae = FakeVAE()
+    vae.latent_channels = 4
+    with pytest.raises(pack.errors.TrainerInputError, match="16 channels"):
+        pack.bridge.ComfyImageEncoder(vae)
+
+
+class FakeCLIP:
+    """ComfyUI's CLIP contract as CLIPTextEncode uses it."""
+
+    def __init__(self, pooled=True, lengths=None):
+        self.cond_stage_model = torch.nn.Linear(4, 4)
+        self.tokenizer = object()
+        self.patcher = SimpleNamespace(patches={})
+        self.pooled, self.lengths, self.texts = pooled, lengths or {}, []
+
+    def tokenize(self, text):
+        self.texts.append(text)
+        return {"t5xxl": text}
+
+    def encode_from_tokens_scheduled(self, tokens):
+        text = tokens["t5xxl"]
+        length = self.lengths.get(text, 6)
+        hidden = torch.full((1, length, 8), float(len(text)))
+        extras = {"pooled_output": torch.full((1, 5), float(len(text)))} if self.pooled else {}
+        return [[hidden, extras]]
+
+
+def test_text_encoder_returns_hidden_and_pooled(pack):
+    clip = FakeCLIP(lengths={"long one": 9})
+    hidden, pooled = pack.bridge.ComfyTextEncoder(clip).encode(["a (red) cat", "long one"])
+    assert clip.texts == ["a \\(red\\) cat", "long one"]  # brackets are text, not prompt weights
+    assert hidden.shape == (2, 9, 8) and pooled.shape == (2, 5)
+    assert hidden[0, 6:].abs().sum() == 0  # the shorter caption is zero-padded
+    assert pooled[1, 0] == len("long one")
+
+
+def test_text_encoder_needs_pooled_output(pack):
+    with pytest.raises(pack.errors.TrainerInputError, match="pooled_output"):
+        pack.bridge.ComfyTextEncoder(FakeCLIP(pooled=False)).encode(["a cat"])
+
+
+def test_text_encoder_identity_follows_weights_and_loras(pack):
+    clip = FakeCLIP()
+    base = pack.bridge.ComfyTextEncoder(clip).identity
+    clip.patcher.patches = {"clip_l.x.weight": [(1.0, SimpleNamespace(weights=(torch.ones(2, 2),)), 1.0, None, None)]}
+    with_lora = pack.bridge.ComfyTextEncoder(clip).identity
+    with torch.no_grad():
+        clip.cond_stage_model.weight.add_(1)
+    assert len({base, with_lora, pack.bridge.ComfyTextEncoder(clip).identity}) == 3
+
+
+def test_fingerprint_samples_large_tensors(pack):
+    big = torch.zeros(2**24 + 3)  # float32 index arithmetic would run past the end
+    assert len(pack.bridge.fingerprint({"w": big})) == 32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MODEL → trainer_core transformer
+
+class FakeModelPatcher:
+    """The parts of comfy.model_patcher.ModelPatcher the bridge reads."""
+
+    def __init__(self, bfl_sd, image_model="flux", guidance=True):
+        with torch.inference_mode():  # as ComfyUI's loaders run
+            self.sd = {f"diffusion_model.{k}": v.clone() for k, v in bfl_sd.items()}
+        self.patches = {}
+        self.model = SimpleNamespace(
+            diffusion_model=object(),
+            model_config=SimpleNamespace(unet_config={"image_model": image_model, "guidance_embed": guidance}),
+        )
+
+    def model_state_dict(self, prefix):
+        return {k: v for k, v in self.sd.items() if k.startswith(prefix)}
+
+
+@pytest.fixture(scope="module")
+def tiny_bfl():
+    flux = importlib.import_module(f"{PACK}.trainer_core.models.flux")
+    tiny = importlib.import_module(f"{PACK}.trainer_core.models.tiny")
+    return flux.diffusers_to_bfl(tiny.build_tiny_transformer(seed=0).state_dict())
+
+
+def test_model_weights_become_a_trainable_transformer(pack, tiny_bfl):
+    flux = importlib.import_module(f"{PACK}.trainer_core.models.flux")
+    model = FakeModelPatcher(tiny_bfl)
+    weight = model.sd["diffusion_model.img_in.weight"]
+    x = torch.randn(3, weight.shape[1], requires_grad=True)
+    with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
+        torch.nn.functional.linear(x, weight).sum().backward()  # why the bridge copies
+
+    sd = pack.bridge.flux_state_dict(model, torch.float32)
+    assert set(sd) == set(tiny_bfl) and not any(t.is_inference() for t in sd.values())
+    transformer = flux.load_flux_transformer(sd, dtype=torch.float32)
+    for p in transformer.parameters():
+        p.requires_grad_(True)
+    out = transformer(hidden_states=torch.randn(1, 4, 64), encoder_hidden_states=torch.randn(1, 3, 32),
+                      pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]),
+                      img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3), guidance=torch.tensor([1.0])).sample
+    out.square().mean().backward()
+    assert transformer.x_embedder.weight.grad is not None
+    assert pack.bridge.flux_variant(model) == "dev"
+    assert pack.bridge.flux_variant(FakeModelPatcher({}, guidance=False)) == "schnell"
+
+
+def test_non_flux_model_is_refused(pack):
+    with pytest.raises(pack.errors.TrainerInputError, match="'flux2'.*not FLUX.1"):
+        pack.bridge.flux_state_dict(FakeModelPatcher({}, image_model="flux2"), torch.float32)
+    with pytest.raises(pack.errors.TrainerInputError, match="not FLUX.1"):
+        pack.bridge.flux_variant(SimpleNamespace(model=SimpleNamespace()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress, previews, interrupt
+
+class FakeBar:
+    def __init__(self):
+        self.calls = []
+
+    def update_absolute(self, value, total=None, preview=None):
+        self.calls.append((value, total, preview))
+
+
+def _step(pack, step, total, loss=0.5):
+    train = importlib.import_module(f"{PACK}.trainer_core.train")
+    return train.StepInfo(step=step, total_steps=total, loss=loss, lr=1e-4, seconds_per_step=0.1)
+
+
+def test_progress_shows_steps_loss_and_a_throttled_preview(pack):
+    bar, texts = FakeBar(), []
+    progress = pack.bridge.NodeProgress(bar, texts.append, lambda: None)
+    progress.PREVIEW_SECONDS = 3600.0
+    for step in (1, 2, 3):
+        progress.on_step(_step(pack, step, 3, loss=1.0 / step))
+    assert [c[:2] for c in bar.calls] == [(1, 3), (2, 3), (3, 3)]
+    previews = [c[2] for c in bar.calls]
+    assert previews[1] is None  # throttled
+    kind, image, size = previews[2]  # the last step always shows the final curve
+    assert kind == "JPEG" and isinstance(image, Image.Image) and size == 512
+    assert texts[-1].startswith("step 3/3 · loss 0.3333")
+
+    progress.decode = lambda latents: torch.rand(latents.shape[0], 3, 32, 32)
+    progress.on_sample(3, torch.zeros(2, 16, 4, 4))
+    assert bar.calls[-1][2][1].height > image.height  # the sample sits under the loss curve
+
+
+def test_interrupt_stops_training_after_a_checkpoint(pack, sample_cache, tmp_path):
+    """The Cancel path without ComfyUI: check_interrupt raises, the trainer keeps a checkpoint and re-raises."""
+    train = importlib.import_module(f"{PACK}.trainer_core.train")
+    tiny = importlib.import_module(f"{PACK}.trainer_core.models.tiny")
+    ckpt = importlib.import_module(f"{PACK}.trainer_core.checkpoint")
+
+    class Cancelled(Exception):
+        pass
+
+    bar = FakeBar()
+
+    def check_interrupt():
+        if len(bar.calls) >= 2:
+            raise Cancelled
+
+    progress = pack.bridge.NodeProgress(bar, lambda text: None, check_interrupt)
+    lora_cfg, train_cfg = pack.train.configs(4, 4.0, 1e-3, 10, "adamw", "sigmoid", 1.0, 0, 0, "fp32")
+    with pytest.raises(Cancelled):
+        train.train_lora(tiny.build_tiny_transformer(seed=0), sample_cache, lora_cfg=lora_cfg, train_cfg=train_cfg,
+                         output_dir=tmp_path / "loras", output_name="cancelled",
+                         checkpoint_root=tmp_path / "checkpoints", callbacks=progress, device="cpu")
+    saved = ckpt.list_checkpoints(tmp_path / "checkpoints" / "cancelled")
+    assert [p.name for p in saved] == ["step_000002.safetensors"]
+    assert not (tmp_path / "loras" / "cancelled.safetensors").exists()
+
+
+def test_validation_settings_come_from_the_cache(pack):
+    hidden, pooled = torch.zeros(4, 8), torch.zeros(5)
+    latent_cache = SimpleNamespace(text=lambda i: (hidden, pooled), sizes=[(96, 64)])
+    data = pack.cache.TrainingData(latent_cache)
+    validate = pack.train.FluxLoraTrain._validation
+    assert validate(data, 0, "dev") is None
+    prompts = validate(data, 50, "dev")
+    assert len(prompts.embeddings) == 1 and prompts.embeddings[0][0] is hidden  # the first caption
+    assert (prompts.config.width, prompts.config.height, prompts.config.every) == (96, 64, 50)
+    assert prompts.config.guidance == 3.5 and validate(data, 50, "schnell").config.guidance == 1.0
