@@ -24,19 +24,19 @@ MFU_FORMULA = ("MFU = 2 × forward FLOPs (every linear layer + attention QKᵀ/A
                "matmul FLOP/s")
 
 
-def _child(spec: RowSpec, queue) -> None:
+def _child(fn, arg, queue) -> None:
     try:
-        queue.put(measure(spec))
+        queue.put(fn(arg))
     except BaseException as exc:  # an OOM or a crash is a result too: report it in the table
-        queue.put(dict(label=spec.label, kind=spec.kind, resolution=spec.resolution, preset=spec.preset,
-                       error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}",
+        queue.put(dict(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}",
                        trace=traceback.format_exc()))
 
 
-def run_row(spec: RowSpec) -> dict:
+def in_child(fn, arg):
+    """``fn(arg)`` in a fresh process (its own CUDA context and memory peaks; none is left in this one)."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(spec, queue))
+    proc = ctx.Process(target=_child, args=(fn, arg, queue))
     proc.start()
     try:
         result = queue.get()
@@ -44,7 +44,13 @@ def run_row(spec: RowSpec) -> dict:
         proc.terminate()
         raise
     proc.join()
+    return result
+
+
+def run_row(spec: RowSpec) -> dict:
+    result = in_child(measure, spec)
     if "error" in result:
+        result.update(label=spec.label, kind=spec.kind, resolution=spec.resolution, preset=spec.preset)
         print(f"  {spec.label} @ {spec.resolution}: {result['error']}", file=sys.stderr)
     return result
 
@@ -206,7 +212,9 @@ def main(argv=None) -> int:
     if mode == "gpu" and args.device == "cuda":
         from .workloads import peak_bf16_matmul_tflops
 
-        peak = peak_bf16_matmul_tflops()
+        peak = in_child(peak_bf16_matmul_tflops, "cuda")
+        if isinstance(peak, dict):
+            raise SystemExit(f"could not measure the bf16 matmul peak: {peak['error']}")
         print(f"measured bf16 matmul peak: {peak:.0f} TFLOP/s", file=sys.stderr)
     results = []
     for spec in rows:

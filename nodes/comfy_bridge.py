@@ -73,7 +73,8 @@ def subfolders(root: Path | None, extensions: Iterable[str]) -> list[str]:
 def resolve_dataset_folder(input_dir: Path, folder: str, custom_folder: str = "") -> Path:
     """The folder to scan: ``custom_folder`` (an absolute path, only when allowed) or ``input_dir/folder``.
 
-    A relative choice may not leave the input folder (``..``, symlinks), so a shared server exposes nothing else.
+    ``folder`` may not climb out of the input folder (``..``, absolute paths); a symlink the server's owner put
+    inside it is followed, like any folder there.
     """
     if custom_folder.strip():
         if os.environ.get(ALLOW_PATHS_ENV, "") != "1":
@@ -86,13 +87,13 @@ def resolve_dataset_folder(input_dir: Path, folder: str, custom_folder: str = ""
         if not path.is_absolute():
             raise TrainerInputError(f"custom_folder: '{custom_folder}' is not an absolute path; give the full path.")
         return path
-    path = (input_dir / folder).resolve()
-    if not folder.strip() or not path.is_relative_to(input_dir.resolve()):
+    relative = Path(os.path.normpath(folder.strip() or "."))
+    if relative == Path(".") or relative.is_absolute() or relative.parts[0] == "..":
         raise TrainerInputError(
             f"folder: '{folder}' is not a subfolder of ComfyUI's input folder ({input_dir}). Create a subfolder "
             f"there with your images and .txt captions, then pick it (refresh the page to list new folders)."
         )
-    return path
+    return input_dir / relative
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,10 +158,13 @@ class ComfyImageEncoder:
         model = self.vae.first_stage_model
         return "comfy-vae:" + fingerprint(model.state_dict(), extra=[type(model).__name__])
 
+    # ComfyUI's models run under inference mode; the trainer calls decode with autograd on (validation samples).
+    @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         z = self.vae.encode(images.movedim(1, -1).float())
         return to_model_space(z.float().cpu())
 
+    @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         images = self.vae.decode(from_model_space(latents.float()))
         return images.float().cpu().movedim(-1, 1).clamp(0, 1)
@@ -353,6 +357,7 @@ class NodeProgress:
         self.decode = decode
         self.losses: list[float] = list(losses or [])
         self.step = 0
+        self.checkpoint: Path | None = None
         self.sample: Image.Image | None = None
         self._last_preview = 0.0
         self._started: float | None = None
@@ -385,7 +390,7 @@ class NodeProgress:
         self.bar.update_absolute(step, None, self.preview())
 
     def on_checkpoint(self, path: Path) -> None:
-        log.info("checkpoint: %s", path)
+        self.checkpoint = path
 
     def should_stop(self) -> bool:
         self.check_interrupt()

@@ -129,8 +129,9 @@ class FluxLoraTrain:
             )
         except BaseException as exc:
             if isinstance(exc, mm.InterruptProcessingException):
-                send_text(f"cancelled at step {progress.step}: checkpoint saved. Queue again with resume on to "
-                          f"continue '{name}'.")
+                kept = f"checkpoint {progress.checkpoint.name} kept" if progress.checkpoint else "no checkpoint"
+                send_text(f"cancelled at step {progress.step}: {kept}. Queue again with resume on to continue "
+                          f"'{name}'.")
             # ComfyUI keeps the error for its report; its traceback must not keep the trainer's model alive.
             traceback.clear_frames(exc.__traceback__)
             raise

@@ -69,6 +69,15 @@ def _run(mem: MemoryConfig, dtype=torch.float32, steps=2, base=None):
     return outs, grads, stats, offloaded, model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared CPU it makes every matmul wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def wide_base():
     return build_tiny_transformer(seed=0, **WIDE)

@@ -169,9 +169,10 @@ def test_dataset_folder_stays_inside_the_input_folder(pack, tmp_path, monkeypatc
     outside = tmp_path / "secret"
     outside.mkdir()
     resolve = pack.bridge.resolve_dataset_folder
-    assert resolve(tmp_path / "input", "cats") == inside.resolve()
-    with pytest.raises(pack.errors.TrainerInputError, match="not a subfolder"):
-        resolve(tmp_path / "input", "../secret")
+    assert resolve(tmp_path / "input", "cats") == inside
+    for escape in ("../secret", "cats/../../secret", str(outside), ""):
+        with pytest.raises(pack.errors.TrainerInputError, match="not a subfolder"):
+            resolve(tmp_path / "input", escape)
     monkeypatch.delenv(pack.bridge.ALLOW_PATHS_ENV, raising=False)
     with pytest.raises(pack.errors.TrainerInputError, match=pack.bridge.ALLOW_PATHS_ENV):
         resolve(tmp_path / "input", "cats", str(outside))
@@ -229,8 +230,8 @@ class FakeVAE:
     downscale_ratio = 8
 
     def __init__(self, scale=1.0):
-        self.first_stage_model = torch.nn.Conv2d(3, 16, 1)
-        with torch.no_grad():
+        with torch.inference_mode():  # as VAELoader builds it: inference-tensor parameters that require grad
+            self.first_stage_model = torch.nn.Conv2d(3, 16, 1)
             self.first_stage_model.weight.fill_(scale)
             self.first_stage_model.bias.zero_()
         self.seen = []
@@ -242,6 +243,8 @@ class FakeVAE:
         return grey[:, None].repeat(1, 16, 1, 1)
 
     def decode(self, latents):
+        weight = self.first_stage_model.weight.mean()
+        latents = latents * weight / weight  # computes with the weights, as a real decoder does
         return latents[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2).movedim(1, -1).clamp(0, 1)
 
 
@@ -255,7 +258,8 @@ def test_image_encoder_converts_layout_and_latent_space(pack):
     assert latents.shape == (2, 16, 4, 6)
     raw = images.mean(1).reshape(2, 4, 8, 6, 8).mean((2, 4))
     torch.testing.assert_close(latents[:, 0], (raw - encoders.FLUX_VAE_SHIFT) * encoders.FLUX_VAE_SCALE)
-    decoded = encoder.decode(latents)
+    with torch.inference_mode(False), torch.enable_grad():  # as the trainer calls it for validation samples
+        decoded = encoder.decode(latents)
     assert decoded.shape == (2, 3, 32, 48)
     torch.testing.assert_close(decoded[:, 0, ::8, ::8], raw.clamp(0, 1))
     assert encoder.identity == pack.bridge.ComfyImageEncoder(FakeVAE()).identity

@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 
 from .errors import TrainerInputError
-from .lora import CLIP_PREFIX, PREFIX, T5_PREFIX, adapter_layers, base_weight
+from .lora import CLIP_PREFIX, PREFIX, T5_PREFIX, base_weight
 
 log = logging.getLogger(__name__)
 

@@ -187,7 +187,7 @@ def add_text_encoder_lora(text_encoder, cfg: LoraConfig, seed: int = 0) -> dict[
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + (1 if name == "clip_l" else 2))
             inject_adapter_in_model(peft_cfg, model, adapter_name=ADAPTER)
-        model.train()
+        model.eval()  # no dropout (T5 has some): the embeddings training sees are the ones inference will see
         adapted[CLIP_PREFIX if name == "clip_l" else T5_PREFIX] = model
     return adapted
 
@@ -440,6 +440,9 @@ def warm_start(transformer: torch.nn.Module, state: dict[str, torch.Tensor], sou
             f"lora.init_from: '{source}' has weights for {len(extra)} layers these targets leave out (e.g. "
             f"{extra[0]}). Set lora.targets to cover them (e.g. 'all+ffs', or the file's own targets)."
         )
+    uses_dora = any(layer.use_dora[ADAPTER] for layer in layers.values())
+    if not uses_dora and any(k.endswith(".dora_scale") for k in state):
+        log.warning("warm start: %s is a DoRA file; with lora.use_dora off only its LoRA part is used", source)
     fresh = sorted(set(layers) - modules)
     if fresh:
         log.info("warm start: %d targeted layers are not in %s and start fresh (e.g. %s)", len(fresh), source, fresh[0])

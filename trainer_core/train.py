@@ -21,14 +21,14 @@ from diffusers.training_utils import EMAModel
 
 from . import checkpoint as ckpt
 from . import flow, lora, memory
-from .optim import build_optimizer, build_scheduler
-from .text_conditioning import TextConditioning
 from .config import LoraConfig, MemoryConfig, SampleConfig, TrainConfig
 from .data.cache import LatentCache
 from .data.dataset import BatchOrder
 from .errors import TrainerInputError, TrainingStopped
 from .fileio import ensure_writable_dir, safe_output_name
 from .metrics import MetricsLog
+from .optim import build_optimizer, build_scheduler
+from .text_conditioning import TextConditioning
 
 log = logging.getLogger(__name__)
 

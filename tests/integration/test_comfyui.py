@@ -249,13 +249,17 @@ def test_training_workflow_runs_and_its_lora_reaches_ksampler(server):
     assert with_lora.shape == without.shape and difference.max() > 0
     assert np.array_equal(image(native_save), with_lora)
 
-    # A second run under the same name keeps the first file and writes the next free name.
+    # A second run under the same name keeps the first file and writes the next free name; the cache node runs
+    # again (new validation prompt) and reuses every file the first run encoded.
     before = lora.read_bytes()
     api[train]["inputs"]["seed"] = 7
+    api[_node_id(api, "FluxLoraCache")]["inputs"]["validation_prompts"] = "ohwx, a red circle"
     history = server.wait(server.queue(training_only(api)))
     assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
     assert lora.read_bytes() == before
     assert _lora_steps(server.base / "output" / "loras" / "it_lora_001.safetensors") == 2
+    cache_lines = [line for line in server.log_text().splitlines() if "files reused" in line]
+    assert len(cache_lines) == 2 and "8 files reused, 0 encoded" in cache_lines[-1], cache_lines
 
 
 def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(server):

@@ -109,8 +109,10 @@ def checkpoint_fn(offloader: ActivationOffloader | None = None, keep: frozenset 
         if module in keep:
             return module(*args)
         if not any(torch.is_tensor(a) and a.requires_grad for a in args):
-            # Re-entrant checkpoints only produce gradients if an input requires them; the first block's input
-            # comes from frozen embedders, so make it a leaf that does (nothing upstream can be trained).
+            if not any(p.requires_grad for p in module.parameters()):
+                return module(*args)  # nothing trainable here or upstream: no graph, no recomputation
+            # Re-entrant checkpoints only produce gradients if an input requires them; the first trained
+            # block's input comes from frozen layers, so make it a leaf that does (nothing upstream trains).
             args = (args[0].detach().requires_grad_(),) + args[1:]
         hooks = offloader.hooks() if offloader is not None else contextlib.nullcontext()
         with hooks:

@@ -30,16 +30,22 @@ MiB = 2**20
 
 # Per block, in units of u. S: tensors kept from forward to backward without checkpointing. P: peak of one
 # block's recomputation + backward above what was live before it (checkpointing). Q: transient on top of the
-# saved tensors without checkpointing. Keys: LoRA target preset (custom regexes use the largest, "all+ffs").
-_COEFFS = {  # (S_double, S_single, P_double, P_single, Q_double, Q_single), CPU measurement
+# saved tensors without checkpointing. Keys: LoRA target preset, for blocks holding LoRA layers (custom regexes
+# use the largest, "all+ffs"); blocks without any (after the first that has one) use _FROZEN, blocks before it
+# keep nothing. Measured on the CPU (see the module docstring); "context", "tiny" and "nano" are bounded from
+# neighbouring measurements.
+_COEFFS = {  # (S_double, S_single, P_double, P_single, Q_double, Q_single)
     "attention": (15.6, 14.3, 22.6, 29.3, 7.2, 13.0),
-    "attention+ffs": (21.2, 19.6, 28.6, 31.8, 7.3, 10.1),
-    "mmdit": (15.6, 12.4, 22.6, 29.3, 7.2, 13.0),
+    "attention+ffs": (21.2, 19.6, 28.6, 31.7, 7.3, 10.1),
+    "mmdit": (15.6, 13.1, 22.6, 28.0, 7.2, 13.0),
     "all": (19.9, 21.6, 26.1, 32.7, 6.3, 9.1),
     "all+ffs": (25.0, 23.8, 32.5, 32.9, 6.4, 9.1),
-    "context": (15.6, 12.4, 22.6, 29.3, 7.2, 13.0),
-    "context+ffs": (21.2, 12.4, 28.6, 29.3, 7.3, 13.0),
+    "context": (12.6, 13.1, 22.6, 28.0, 7.2, 13.0),
+    "context+ffs": (13.4, 13.1, 28.6, 28.0, 7.3, 13.0),
+    "tiny": (14.1, 14.3, 21.1, 29.3, 7.2, 13.0),
+    "nano": (14.1, 14.3, 21.1, 29.3, 7.2, 13.0),
 }
+_FROZEN = (14.1, 13.1, 21.1, 28.0, 7.2, 13.0)  # a block without LoRA whose input still needs its gradient
 _CUDA_RMSNORM_SAVING = 2.0  # u per block: fused RMSNorm on CUDA keeps bf16 inputs, not fp32 copies
 _MISC_ACTIVATIONS = 1.5  # u: embedders' outputs, final norm, loss
 _OFFLOAD_IN_FLIGHT = 3.0  # u: inputs of the block computing, one being written out, two fetched ahead
@@ -160,12 +166,12 @@ def _swap_block_bytes(block: nn.Module, precision: str, compute_bytes: int) -> i
 
 
 def _targeted_linears(model: nn.Module, targets: str) -> list[nn.Linear]:
-    pattern = re.compile(_resolve(targets))
+    pattern = re.compile(_resolve(targets, model))
     return [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(name)]
 
 
 def _lora_bytes_per_block(model: nn.Module, targets: str, rank: int, lora_bytes: int) -> list[int]:
-    pattern = re.compile(_resolve(targets))
+    pattern = re.compile(_resolve(targets, model))
     sizes = []
     for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
         prefix = _block_names(model)[id(block)]
@@ -178,10 +184,10 @@ def _block_names(model: nn.Module) -> dict[int, str]:
     return {id(m): name for name, m in model.named_modules() if name.count(".") == 1 and "blocks." in name}
 
 
-def _resolve(targets: str) -> str:
+def _resolve(targets: str, model: nn.Module) -> str:
     from ..lora import resolve_targets
 
-    return resolve_targets(targets)
+    return resolve_targets(targets, model)
 
 
 def _optimizer_bytes(n_params: int, optimizer: str, lora_bytes: int) -> int:
@@ -243,9 +249,9 @@ def estimate_vram(
     image_tokens = (height // 16) * (width // 16)
     tokens = image_tokens + text_tokens
     u = batch * tokens * hidden * 2
-    s_d, s_s, p_d, p_s, q_d, q_s = _COEFFS.get(targets, _COEFFS["all+ffs"])
-    if device_type == "cuda":
-        s_d, s_s, p_d, p_s = (c - _CUDA_RMSNORM_SAVING for c in (s_d, s_s, p_d, p_s))
+    cuda_saving = (_CUDA_RMSNORM_SAVING,) * 4 + (0.0, 0.0) if device_type == "cuda" else (0.0,) * 6
+    with_lora = [c - d for c, d in zip(_COEFFS.get(targets, _COEFFS["all+ffs"]), cuda_saving)]
+    frozen = [c - d for c, d in zip(_FROZEN, cuda_saving)]
     # Walk the backward pass block by block (last block first). Alive at each block: the saved inputs of the
     # checkpointed blocks not yet reached (or, offloaded, the few in flight), everything saved by the
     # uncheckpointed ones not yet reached, the LoRA gradients filled so far, and this block's own transient
@@ -256,15 +262,21 @@ def estimate_vram(
         kept = set(resident[len(resident) - min(mem.uncheckpointed_blocks, len(resident)):])
     else:
         kept = set(range(n_blocks))
-    double = lambda i: i < n_double  # noqa: E731
-    held = {i: (s_d if double(i) else s_s) if i in kept else (0.0 if mem.offload_activations else 1.0)
+    block_grads = _lora_bytes_per_block(model, targets, rank, lb)
+    # Blocks before the first one with a LoRA need no gradients: they keep nothing and have no backward.
+    first = next((i for i, g in enumerate(block_grads) if g), n_blocks)
+
+    def coeff(i: int, which: int) -> float:  # which: 0 S, 1 P, 2 Q
+        table = with_lora if block_grads[i] else frozen
+        return table[2 * which + (0 if i < n_double else 1)]
+
+    held = {i: 0.0 if i < first else coeff(i, 0) if i in kept else (0.0 if mem.offload_activations else 1.0)
             for i in range(n_blocks)}
     alive = _MISC_ACTIVATIONS + (_OFFLOAD_IN_FLIGHT if mem.offload_activations and len(kept) < n_blocks else 0.0)
     alive += sum(held.values())
-    block_grads = _lora_bytes_per_block(model, targets, rank, lb)
     grads_so_far, peak = 0, 0.0
     for i in reversed(range(n_blocks)):
-        own = (q_d if double(i) else q_s) if i in kept else (p_d if double(i) else p_s)
+        own = 0.0 if i < first else coeff(i, 2) if i in kept else coeff(i, 1)
         peak = max(peak, (alive + own) * u + grads_so_far)
         alive -= held[i]
         grads_so_far += block_grads[i]

@@ -34,22 +34,18 @@ from .estimate import GiB, VramEstimate, estimate_vram
 
 log = logging.getLogger(__name__)
 
+_SWAP = dict(base_precision="fp8", gradient_checkpointing=True, uncheckpointed_blocks=0, compile_blocks=False,
+             batch_size=1, optimizer="adamw8bit")
 PRESET_TABLE: dict[str, dict] = {
-    "8gb": dict(base_precision="fp8", blocks_to_swap=45, gradient_checkpointing=True, uncheckpointed_blocks=0,
-                offload_activations=True,
-                compile_blocks=False, batch_size=1, optimizer="adamw8bit"),
-    "12gb": dict(base_precision="fp8", blocks_to_swap=26, gradient_checkpointing=True, uncheckpointed_blocks=0,
-                 offload_activations=False,
-                 compile_blocks=False, batch_size=1, optimizer="adamw8bit"),
-    "16gb": dict(base_precision="fp8", blocks_to_swap=10, gradient_checkpointing=True, uncheckpointed_blocks=0,
-                 offload_activations=False,
-                 compile_blocks=False, batch_size=1, optimizer="adamw8bit"),
+    "8gb": dict(_SWAP, blocks_to_swap=45, offload_activations=True),
+    "12gb": dict(_SWAP, blocks_to_swap=26, offload_activations=False),
+    "16gb": dict(_SWAP, blocks_to_swap=10, offload_activations=False),
     "24gb": dict(base_precision="fp8", blocks_to_swap=0, gradient_checkpointing=True, uncheckpointed_blocks=18,
                  offload_activations=False, compile_blocks=False, batch_size=1, optimizer="adamw"),
     "48gb": dict(base_precision="bf16", blocks_to_swap=0, gradient_checkpointing=True, uncheckpointed_blocks=44,
                  offload_activations=False, compile_blocks=True, batch_size=1, optimizer="adamw"),
-    "80gb": dict(base_precision="bf16", blocks_to_swap=0, gradient_checkpointing=False, offload_activations=False,
-                 compile_blocks=True, batch_size=2, optimizer="adamw"),
+    "80gb": dict(base_precision="bf16", blocks_to_swap=0, gradient_checkpointing=False, uncheckpointed_blocks=0,
+                 offload_activations=False, compile_blocks=True, batch_size=2, optimizer="adamw"),
 }
 TIERS_LARGEST_FIRST = ("80gb", "48gb", "24gb", "16gb", "12gb", "8gb")
 
