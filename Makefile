@@ -20,5 +20,14 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests
 
+# The real-ComfyUI suite: make test-comfyui COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/its/python
+COMFYUI_DIR ?=
+COMFYUI_PYTHON ?= $(COMFYUI_DIR)/venv/bin/python
+test-comfyui: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 COMFYUI_DIR="$(COMFYUI_DIR)" COMFYUI_PYTHON="$(COMFYUI_PYTHON)" $(PY) -m pytest tests/integration -ra -s
+
+bench: $(VENV)/.installed
+	$(PY) -m bench
+
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

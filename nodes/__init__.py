@@ -3,16 +3,19 @@ when ComfyUI is running."""
 
 from .cache import FluxLoraCache
 from .dataset import FluxLoraDataset
+from .memory import FluxLoraMemory
 from .train import FluxLoraTrain
 
 NODE_CLASS_MAPPINGS = {
     "FluxLoraDataset": FluxLoraDataset,
     "FluxLoraCache": FluxLoraCache,
+    "FluxLoraMemory": FluxLoraMemory,
     "FluxLoraTrain": FluxLoraTrain,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FluxLoraDataset": "FLUX LoRA Dataset",
     "FluxLoraCache": "FLUX LoRA Cache",
+    "FluxLoraMemory": "FLUX LoRA Memory",
     "FluxLoraTrain": "FLUX LoRA Train",
 }

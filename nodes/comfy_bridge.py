@@ -397,6 +397,16 @@ class NodeProgress:
         return False
 
 
+def show_text(text: str, node_id: str | None) -> None:
+    """Text under the node in the running ComfyUI (nothing outside ComfyUI)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    if node_id is not None and PromptServer.instance is not None:
+        PromptServer.instance.send_progress_text(text, node_id)
+
+
 def comfy_progress(node_id: str | None):
     """(ProgressBar factory, send_text, check_interrupt) bound to the running ComfyUI and this node."""
     import comfy.model_management as mm
@@ -406,11 +416,6 @@ def comfy_progress(node_id: str | None):
         return comfy.utils.ProgressBar(total, node_id=node_id)
 
     def send_text(text: str) -> None:
-        try:
-            from server import PromptServer
-        except ImportError:
-            return
-        if node_id is not None and PromptServer.instance is not None:
-            PromptServer.instance.send_progress_text(text, node_id)
+        show_text(text, node_id)
 
     return bar, send_text, mm.throw_exception_if_processing_interrupted

@@ -391,3 +391,14 @@ def test_missing_text_encoder_files_are_named(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(TrainerInputError, match="bad.safetensors is not a CLIP-L text encoder"):
         encoders.load_text_encoder("clip", tmp_path / "bad.safetensors", torch.float32)
+
+
+def test_fingerprint_handles_tensors_larger_than_float32_indexing():
+    """CLIP-L's token embedding (49408 × 768) has more elements than float32 can index exactly."""
+    from trainer_core.models.encoders import weights_fingerprint
+
+    embedding = torch.nn.Embedding(49408, 768)
+    first = weights_fingerprint(embedding)
+    with torch.no_grad():
+        embedding.weight[-1, -1] += 1.0  # the very last element is sampled
+    assert weights_fingerprint(embedding) != first

@@ -157,3 +157,20 @@ def test_bf16_compute_trains(sample_cache, tmp_path):
     model, result = train(sample_cache, tmp_path, fast(steps=3, compute_dtype="bf16"))
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert all(p.dtype == torch.float32 for p in lora.lora_parameters(model))  # fp32 master weights
+
+
+def test_memory_preset_reaches_the_model_and_optimizer(sample_cache):
+    """A preset is not a label: its knobs (fp8 base, checkpointing, 8-bit optimizer) are what the session runs."""
+    from trainer_core.config import MemoryConfig
+    from trainer_core.train import TrainingSession
+
+    session = TrainingSession(build_tiny_transformer(seed=0), sample_cache, LoraConfig(rank=4, alpha=4),
+                              fast(steps=2), MemoryConfig(preset="16gb", blocks_to_swap=2), device="cpu")
+    try:
+        assert session.mem_cfg.base_precision == "fp8" and session.mem_cfg.blocks_to_swap == 2  # override wins
+        assert session.transformer.gradient_checkpointing
+        assert type(session.optimizer).__name__ == "AdamW8bit"
+        assert session.transformer.transformer_blocks[0].attn.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
+        assert torch.isfinite(torch.tensor(session.step()))
+    finally:
+        session.close()

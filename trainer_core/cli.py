@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import DatasetConfig, LoraConfig, RunConfig, SampleConfig, TrainConfig, load_run_config
+from .config import OPTIMIZERS, DatasetConfig, LoraConfig, RunConfig, SampleConfig, TrainConfig, load_run_config
 from .errors import TrainerInputError, TrainingStopped
 
 log = logging.getLogger("trainer_core")
@@ -84,11 +84,16 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
     run.validate()
     items = scan_dataset(run.dataset)
     cache_dir = Path(run.output.cache_folder) if run.output.cache_folder else out / "cache"
-    cache = build_cache(items, vae, text_encoder, cache_dir, progress=TqdmProgress("caching"))
+    cache = build_cache(items, vae, text_encoder, cache_dir, progress=TqdmProgress("caching"),
+                        empty_caption=run.train.caption_dropout > 0)
     log.info("cache: %d items (%d reused, %d encoded) in %s", len(cache), cache.reused, cache.encoded, cache_dir)
     prompts = run.sample.prompts or sorted(set(cache.captions))[:4]
     validation = ValidationPrompts(build_prompt_cache(prompts, text_encoder, cache_dir), run.sample)
-    del text_encoder  # everything is cached now: the encoders can go before the transformer arrives
+    # Everything is cached now: the encoders can go before the transformer arrives, unless training needs them
+    # live (a text-encoder LoRA, or captions whose tags are shuffled each step).
+    live_text = run.lora.text_encoders != "none" or run.train.shuffle_tags
+    if not live_text:
+        text_encoder = None
     vae.vae.to("cpu")
     transformer = load_transformer()
 
@@ -98,7 +103,7 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
             transformer, cache, lora_cfg=run.lora, train_cfg=run.train, mem_cfg=run.memory,
             output_dir=out, output_name=run.output.name, resume=run.output.resume,
             overwrite=run.output.overwrite, metrics_path=metrics_path, validation=validation,
-            callbacks=callbacks, device=device,
+            callbacks=callbacks, device=device, text_encoder=text_encoder,
             metadata={
                 "base_model": base_name,
                 "resolutions": ",".join(map(str, run.dataset.resolutions)),
@@ -125,6 +130,8 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
     print(f"LoRA:    {result.lora_path}")
     print(f"samples: {grid}  ({legend}; same prompts and noise)")
     print(f"loss:    {loss_png}  first {result.losses[0]:.4f}, last (mean of last {len(tail)}) {sum(tail) / len(tail):.4f}")
+    for extra in result.extra_files:
+        print(f"also:    {extra}")
     if metrics_path:
         print(f"metrics: {metrics_path}")
     return 0
@@ -228,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int)
     train.add_argument("--lr", type=float, help="learning rate")
     train.add_argument("--batch-size", dest="batch_size", type=int)
-    train.add_argument("--optimizer", help="adamw or adamw8bit")
+    train.add_argument("--optimizer", choices=OPTIMIZERS)
     train.add_argument("--seed", type=int)
     train.add_argument("--rank", type=int)
     train.add_argument("--alpha", type=float)

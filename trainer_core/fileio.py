@@ -16,6 +16,9 @@ from safetensors.torch import save_file
 
 from .errors import TrainerInputError
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # reading the umask means setting it: put it back at once
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -28,6 +31,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
+        # Some writers (safetensors) create files readable by the owner only: give the usual umask permissions
+        # so a LoRA written by a ComfyUI service is readable by the user's other tools.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

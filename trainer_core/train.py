@@ -115,11 +115,18 @@ class TrainingSession:
     ):
         self.train_cfg = train_cfg.validate()
         self.lora_cfg = lora_cfg.validate()
-        self.mem_cfg = (mem_cfg or MemoryConfig()).validate()
+        self.mem_cfg = mem_cfg or MemoryConfig()  # validated once its preset is resolved (plan_memory)
         if len(cache) == 0:
             raise TrainerInputError("dataset: the cache holds no images; add images to the dataset folder.")
         self.cache = cache
         self.device = torch.device(device) if device is not None else default_device()
+        # The preset becomes concrete knobs here, and a plan that will not fit the VRAM is refused before any
+        # weight moves; the preset may also set the batch size and optimizer.
+        workload = memory.Workload.for_training(dict(transformer.config), cache.sizes, cache.text(0)[0].shape[0],
+                                                lora_cfg, train_cfg)
+        self.mem_cfg, self.vram_estimate = memory.plan_memory(self.mem_cfg, workload, device=self.device)
+        log.info("memory plan (%s): %s", self.mem_cfg.preset, self.vram_estimate.summary())
+        self.train_cfg = train_cfg = memory.effective_train_config(train_cfg, self.mem_cfg).validate()
         self.dtype = COMPUTE_DTYPES[train_cfg.compute_dtype]
         self.transformer = memory.prepare_base(transformer, self.mem_cfg, self.dtype)
         self.targets = lora.add_lora(self.transformer, lora_cfg, seed=train_cfg.seed)
@@ -354,7 +361,8 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog, ou
             path = save_checkpoint()
         else:
             path = last_checkpoint
-        log.warning("training stopped at step %d (%s); resumable checkpoint: %s", session.step_count, exc, path)
+        log.warning("training stopped at step %d (%s); resumable checkpoint: %s", session.step_count,
+                    str(exc) or type(exc).__name__, path)
         if isinstance(exc, TrainingStopped):
             exc.checkpoint = path
             raise TrainingStopped(

@@ -67,7 +67,9 @@ def weights_fingerprint(*modules: torch.nn.Module, extra: Sequence[str] = ()) ->
     for index, module in enumerate(modules):
         for name, tensor in module.state_dict().items():
             flat = tensor.detach().reshape(-1)
-            picks = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 1024), device=flat.device).long()
+            count = min(flat.numel(), 1024)
+            # integer spacing: float32 linspace rounds past the last index on tensors over 2**24 elements
+            picks = torch.arange(count, device=flat.device) * max(flat.numel() - 1, 0) // max(count - 1, 1)
             digest.update(f"{index}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             digest.update(flat[picks].double().cpu().numpy().tobytes())
     return digest.hexdigest()[:32]
