@@ -4,12 +4,14 @@ when ComfyUI is running."""
 from .cache import FluxLoraCache
 from .dataset import FluxLoraDataset
 from .memory import FluxLoraMemory
+from .options import FluxLoraOptions
 from .train import FluxLoraTrain
 
 NODE_CLASS_MAPPINGS = {
     "FluxLoraDataset": FluxLoraDataset,
     "FluxLoraCache": FluxLoraCache,
     "FluxLoraMemory": FluxLoraMemory,
+    "FluxLoraOptions": FluxLoraOptions,
     "FluxLoraTrain": FluxLoraTrain,
 }
 
@@ -17,5 +19,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FluxLoraDataset": "FLUX LoRA Dataset",
     "FluxLoraCache": "FLUX LoRA Cache",
     "FluxLoraMemory": "FLUX LoRA Memory",
+    "FluxLoraOptions": "FLUX LoRA Options",
     "FluxLoraTrain": "FLUX LoRA Train",
 }

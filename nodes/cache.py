@@ -78,7 +78,8 @@ class FluxLoraCache:
             bar.update_absolute(done, total)
             send_text(f"encoding {done}/{total}")
 
-        cache = build_cache(dataset.items, image_encoder, text_encoder, cache_dir, progress=progress)
+        cache = build_cache(dataset.items, image_encoder, text_encoder, cache_dir, progress=progress,
+                            empty_caption=True)  # one extra text entry: lets the options node use caption dropout
         texts = split_prompts(validation_prompts)
         prompts = build_prompt_cache(texts, text_encoder, cache_dir)
         bridge.free_vram()  # the encoders are done; training wants the memory

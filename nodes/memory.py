@@ -31,7 +31,12 @@ def overrides(base_precision, blocks_to_swap, gradient_checkpointing, offload_ac
 
 
 def plan(preset: str, knobs: dict, resolution: int = 1024, rank: int = 16):
-    """(MemoryConfig, estimate text): the preset with ``knobs`` on top, refused if it exceeds vram_budget_gb."""
+    """(MemoryConfig, estimate text): the preset with ``knobs`` on top, refused if it exceeds vram_budget_gb.
+
+    The config comes out as preset "none" with every knob written out: the trainer then uses it as is. Kept as
+    "8gb" etc., the trainer would resolve the tier again and could not tell a knob the user set to the default
+    value (e.g. offload_activations off) from one left unset, so the tier's value would come back.
+    """
     import dataclasses
 
     from ..trainer_core.memory import Workload, check_fits, free_vram_bytes, resolve_preset
@@ -49,6 +54,7 @@ def plan(preset: str, knobs: dict, resolution: int = 1024, rank: int = 16):
         free = free_vram_bytes()
         room = "no GPU found" if free is None else f"{free / GiB:.1f} GiB of VRAM free now"
     chosen = f"preset {preset}" + (f" → {mem.preset}" if mem.preset != preset else "")
+    mem = dataclasses.replace(mem, preset="none")
     text = (f"{chosen}: {mem.base_precision} base, {mem.blocks_to_swap} blocks swapped, checkpointing "
             f"{'on' if mem.gradient_checkpointing else 'off'}"
             + (", activations in host RAM" if mem.offload_activations else "")

@@ -9,6 +9,7 @@ import torch
 from ..trainer_core.config import OPTIMIZERS, TIMESTEP_SAMPLERS, LoraConfig, SampleConfig, TrainConfig
 from ..trainer_core.errors import TrainerInputError
 from . import comfy_bridge as bridge
+from .options import apply_options
 
 CATEGORY = "FLUX LoRA"
 MAX_STEPS = 1_000_000
@@ -81,6 +82,8 @@ class FluxLoraTrain:
                                                   "(e.g. after Cancel), with the same settings."}),
             },
             "optional": {
+                "options": ("FLUX_LORA_OPTIONS", {"tooltip": "Recipe settings from FLUX LoRA Options (targets, "
+                                                             "algorithm, schedule, loss, EMA, export formats…)."}),
                 "memory": ("FLUX_LORA_MEMORY", {"tooltip": "Memory settings (precision, block swap, "
                                                            "checkpointing). Default: bf16 base, everything on the "
                                                            "GPU."}),
@@ -92,7 +95,7 @@ class FluxLoraTrain:
         }
 
     def train(self, model, cache, rank, alpha, learning_rate, steps, optimizer, timestep_sampling, guidance, seed,
-              checkpoint_every, output_name, resume, memory=None, sample_every=0, unique_id=None):
+              checkpoint_every, output_name, resume, options=None, memory=None, sample_every=0, unique_id=None):
         import comfy.model_management as mm
 
         from ..trainer_core.fileio import safe_output_name
@@ -106,6 +109,7 @@ class FluxLoraTrain:
         dtype_name = bridge.compute_dtype_name(device)
         lora_cfg, train_cfg = configs(rank, alpha, learning_rate, steps, optimizer, timestep_sampling, guidance, seed,
                                       checkpoint_every, dtype_name)
+        lora_cfg, train_cfg = apply_options(lora_cfg, train_cfg, options)
         name = safe_output_name(output_name)
         _, output_dir = bridge.comfy_folders()
         loras_dir = output_dir / "loras"

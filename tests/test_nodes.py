@@ -69,9 +69,9 @@ def test_importing_the_nodes_leaves_training_libraries_unloaded():
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_nodes_package_registers_the_three_nodes(pack):
+def test_nodes_package_registers_the_four_nodes(pack):
     mappings = pack.nodes.NODE_CLASS_MAPPINGS
-    assert set(mappings) == {"FluxLoraDataset", "FluxLoraCache", "FluxLoraTrain"}
+    assert set(mappings) == {"FluxLoraDataset", "FluxLoraCache", "FluxLoraMemory", "FluxLoraOptions", "FluxLoraTrain"}
     assert set(pack.nodes.NODE_DISPLAY_NAME_MAPPINGS) == set(mappings)
     assert {cls.CATEGORY for cls in mappings.values()} == {"FLUX LoRA"}
 
@@ -82,7 +82,8 @@ def _node_classes():
 
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
-SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "FLUX_LORA_DATASET", "FLUX_LORA_CACHE", "FLUX_LORA_MEMORY"}
+SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "FLUX_LORA_DATASET", "FLUX_LORA_CACHE", "FLUX_LORA_MEMORY",
+                "FLUX_LORA_OPTIONS"}
 
 
 @pytest.mark.parametrize("name,cls", _node_classes())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -128,6 +129,11 @@ def check_pack_settings(node_type: str, values: dict) -> None:
                 "checkpoint_every")
         train.configs(**{k: values[k] for k in keys}, compute_dtype="bf16")
         fileio.safe_output_name(values["output_name"])
+    elif node_type == "FluxLoraMemory":
+        memory = importlib.import_module(f"{PACK}.nodes.memory")
+        knobs = memory.overrides(*(values[k] for k in ("base_precision", "blocks_to_swap", "gradient_checkpointing",
+                                                       "offload_activations", "compile_blocks", "vram_budget_gb")))
+        memory.plan(values["preset"], knobs, values["resolution"], values["rank"])
 
 
 def _socket_type(node_type: str, name: str) -> str:
@@ -137,8 +143,8 @@ def _socket_type(node_type: str, name: str) -> str:
     raise AssertionError(f"{node_type} has no input '{name}'")
 
 
-def test_the_training_workflow_and_its_api_twin_ship():
-    assert WORKFLOWS / "flux_lora_train.json" in ui_workflows()
+def test_the_training_workflows_and_their_api_twins_ship():
+    assert {WORKFLOWS / "flux_lora_train.json", WORKFLOWS / "flux_lora_train_lowvram.json"} <= set(ui_workflows())
     assert {p.name for p in api_workflows()} == {p.name for p in ui_workflows()}
 
 
@@ -186,10 +192,12 @@ def test_api_twin_matches_its_ui_workflow(path):
                 assert SPECS[source["class_type"]]["output"][value[1]] == _socket_type(node["class_type"], name)
 
 
-def test_training_workflow_wires_training_into_sampling():
+@pytest.mark.parametrize("name,t5", [("flux_lora_train.json", "t5xxl_fp16.safetensors"),
+                                     ("flux_lora_train_lowvram.json", "t5xxl_fp8_e4m3fn.safetensors")])
+def test_training_workflow_wires_training_into_sampling(name, t5):
     """The graph the issue describes: loaders → cache/train, trained MODEL → KSamplers with the trigger word,
     loss → LossGraphNode, standard FLUX.1 file names."""
-    api = json.loads((WORKFLOWS / "api" / "flux_lora_train.json").read_text(encoding="utf-8"))
+    api = json.loads((WORKFLOWS / "api" / name).read_text(encoding="utf-8"))
     by_type: dict[str, list[str]] = {}
     for node_id, node in api.items():
         by_type.setdefault(node["class_type"], []).append(node_id)
@@ -216,5 +224,20 @@ def test_training_workflow_wires_training_into_sampling():
     assert api[by_type["LossGraphNode"][0]]["inputs"]["loss"] == [train, 2]
     files = {api[n]["inputs"][k] for n in api for k in ("unet_name", "clip_name1", "clip_name2", "vae_name")
              if k in api[n]["inputs"]}
-    assert files == {"flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"}
+    assert files == {"flux1-dev.safetensors", "clip_l.safetensors", t5, "ae.safetensors"}
     assert api[by_type["DualCLIPLoader"][0]]["inputs"]["type"] == "flux"
+
+
+def test_low_vram_workflow_trains_with_the_8gb_preset_at_512():
+    api = json.loads((WORKFLOWS / "api" / "flux_lora_train_lowvram.json").read_text(encoding="utf-8"))
+    (train,) = [n for n in api.values() if n["class_type"] == "FluxLoraTrain"]
+    memory = api[train["inputs"]["memory"][0]]
+    assert memory["class_type"] == "FluxLoraMemory" and memory["inputs"]["preset"] == "8gb"
+    assert memory["inputs"]["resolution"] == 512 and memory["inputs"]["rank"] == train["inputs"]["rank"]
+    (dataset,) = [n for n in api.values() if n["class_type"] == "FluxLoraDataset"]
+    assert dataset["inputs"]["resolutions"] == "512"
+    nodes = importlib.import_module(f"{PACK}.nodes.memory")
+    mem, text = nodes.FluxLoraMemory().configure(**memory["inputs"])["result"]
+    assert (mem.base_precision, mem.blocks_to_swap, mem.offload_activations) == ("fp8", 45, True)
+    assert train["inputs"]["optimizer"] == mem.optimizer  # the Train node shows what the preset trains with
+    assert float(re.search(r"([\d.]+) GiB peak", text).group(1)) < 8

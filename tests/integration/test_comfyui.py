@@ -259,7 +259,8 @@ def test_training_workflow_runs_and_its_lora_reaches_ksampler(server):
     assert lora.read_bytes() == before
     assert _lora_steps(server.base / "output" / "loras" / "it_lora_001.safetensors") == 2
     cache_lines = [line for line in server.log_text().splitlines() if "files reused" in line]
-    assert len(cache_lines) == 2 and "8 files reused, 0 encoded" in cache_lines[-1], cache_lines
+    # every file of the first run is reused: 4 latents, 4 captions and the empty caption
+    assert len(cache_lines) == 2 and "9 files reused, 0 encoded" in cache_lines[-1], cache_lines
 
 
 def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(server):
