@@ -180,7 +180,9 @@ def test_schnell_layout_state_dicts_and_diffusers_files(source, tmp_path):
     from_dict = load_flux_transformer(sd, dtype=torch.float32)  # diffusers keys in memory
     assert_same_weights(from_dict, sd)
     from_file = load_flux_transformer(save(sd, tmp_path / "diffusers-keys.safetensors"), dtype=torch.float32)
-    assert torch.equal(velocity(from_file), velocity(model))
+    assert_same_weights(from_file, sd)
+    # identical weights; mmap'd tensors sit at other alignments, so CPU kernels may round the last bit differently
+    torch.testing.assert_close(velocity(from_file), velocity(model), rtol=0, atol=1e-5)
 
 
 def test_diffusers_folder_and_pipeline_folder(source, tmp_path):

@@ -174,3 +174,15 @@ def test_memory_preset_reaches_the_model_and_optimizer(sample_cache):
         assert torch.isfinite(torch.tensor(session.step()))
     finally:
         session.close()
+
+
+def test_captions_of_different_token_lengths_batch_together(sample_cache, tmp_path):
+    """ComfyUI's T5 gives 256 tokens, more for a long caption: a batch mixing both must still train."""
+    class MixedLengths(LatentCache):
+        def text(self, index):
+            hidden, pooled = super().text(index)
+            return (torch.cat([hidden, hidden[:3]]) if index % 2 else hidden), pooled
+
+    cache = MixedLengths(sample_cache.items, sample_cache._latent_files, sample_cache._text_files)
+    _, result = train(cache, tmp_path, fast(steps=3, batch_size=4))
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))

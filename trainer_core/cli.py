@@ -20,15 +20,26 @@ SAMPLES_DIR = Path(__file__).parent / "data" / "samples"
 
 
 class TqdmCallbacks:
-    """A tqdm bar with the running loss (the trainer's Callbacks protocol)."""
+    """A tqdm bar with the running loss (the trainer's Callbacks protocol); once the step time has settled it
+    prints the run's time (and cost, given a price per GPU-hour) estimate."""
 
-    def __init__(self, total: int):
+    ESTIMATE_AFTER = 10  # steps measured before the estimate is printed (the first ones include warm-up)
+
+    def __init__(self, total: int, price_per_gpu_hour: float | None = None):
         self.bar = tqdm(total=total, desc="training", unit="step", dynamic_ncols=True)
+        self.price = price_per_gpu_hour
+        self.step_seconds: list[float] = []
 
     def on_step(self, info) -> None:
+        from .memory import time_estimate
+
         self.bar.n = info.step
         self.bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
         self.bar.refresh()
+        self.step_seconds.append(info.seconds_per_step)
+        if len(self.step_seconds) == self.ESTIMATE_AFTER:
+            estimate = time_estimate(self.step_seconds, info.total_steps, info.step, self.price)
+            self.bar.write(f"estimate: {estimate.summary()}")
 
     def on_sample(self, step, latents) -> None:
         pass
@@ -71,7 +82,7 @@ def save_image_grid(rows: list[torch.Tensor], path: Path) -> Path:
 
 
 def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path, device, base_name: str,
-                 metrics_path: Path | None = None) -> int:
+                 metrics_path: Path | None = None, price_per_gpu_hour: float | None = None) -> int:
     """Cache → free the text encoders → load the transformer → train → ``samples.png`` and ``loss.png``.
 
     ``load_transformer`` is called only once the text encoders are gone, so the two never share memory.
@@ -97,7 +108,7 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
     vae.vae.to("cpu")
     transformer = load_transformer()
 
-    callbacks = TqdmCallbacks(run.train.steps)
+    callbacks = TqdmCallbacks(run.train.steps, price_per_gpu_hour)
     try:
         result = train_lora(
             transformer, cache, lora_cfg=run.lora, train_cfg=run.train, mem_cfg=run.memory,
@@ -204,7 +215,7 @@ def cmd_train(args) -> int:
         load_vae(paths.vae, device=device),
         load_text_encoders(paths.clip_l, paths.t5, tokenizer_dir=paths.tokenizers or None,
                            t5_max_length=paths.t5_max_length, device=device),
-        run, out, device, base_name,
+        run, out, device, base_name, price_per_gpu_hour=args.gpu_price,
     )
 
 
@@ -245,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", help="LoRA file name (without .safetensors)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of --name")
     train.add_argument("--device", default=default_device, help=f"cpu or cuda (default: {default_device})")
+    train.add_argument("--gpu-price", dest="gpu_price", type=float,
+                       help="price per GPU-hour: the run's cost is printed with its time estimate")
     train.set_defaults(func=cmd_train)
     return parser
 

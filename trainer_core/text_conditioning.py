@@ -66,7 +66,7 @@ class TextConditioning:
                         for c in captions]
         cached = [] if self.live_t5 and self.live_clip else [
             self.cache.text(i) if c or self.empty is None else self.empty for i, c in zip(indices, captions)]
-        hidden = self._t5(captions) if self.live_t5 else torch.stack([t[0] for t in cached])
+        hidden = self._t5(captions) if self.live_t5 else _stack_padded([t[0] for t in cached])
         pooled = self._clip(captions) if self.live_clip else torch.stack([t[1] for t in cached])
         return hidden, pooled
 
@@ -85,3 +85,10 @@ class TextConditioning:
                               return_tensors="pt").input_ids
         with torch.set_grad_enabled(lora.T5_PREFIX in self.trained):
             return te.t5_model(ids.to(self.device)).last_hidden_state
+
+
+def _stack_padded(hidden: list[torch.Tensor]) -> torch.Tensor:
+    """Stack [L, D] hidden states of different lengths (ComfyUI's T5 grows past 256 tokens for long captions)
+    by zero-padding to the longest: FLUX attends to every text token, and zeros carry no content."""
+    length = max(h.shape[0] for h in hidden)
+    return torch.stack([torch.nn.functional.pad(h, (0, 0, 0, length - h.shape[0])) for h in hidden])

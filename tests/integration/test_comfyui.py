@@ -187,7 +187,7 @@ def test_comfyui_loads_the_pack_and_the_core_node_snapshot_is_current(server):
     assert "IMPORT FAILED" not in log, server.log_tail()
     assert re.search(rf"seconds: .*{PACK_FOLDER}", log), "the pack is not in ComfyUI's import list"
     info = server.request("/object_info")
-    assert {"FluxLoraDataset", "FluxLoraCache", "FluxLoraTrain"} <= set(info)
+    assert {"FluxLoraDataset", "FluxLoraCache", "FluxLoraMemory", "FluxLoraOptions", "FluxLoraTrain"} <= set(info)
     for name, spec in json.loads(SNAPSHOT.read_text())["nodes"].items():
         live = info[name]
         assert live["output"] == spec["output"], name
