@@ -116,6 +116,18 @@ class FluxLoraDataset:
                     "tooltip": f"An absolute folder path instead of 'folder'. Only honoured when ComfyUI runs with "
                                f"the environment variable {bridge.ALLOW_PATHS_ENV}=1 (a shared server stays "
                                f"limited to its input folder)."}),
+                "masked_loss": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Weight the loss by a grey-scale mask per image (white = learn, black = ignore): "
+                               "<name><mask_suffix>.png beside each image in the folder, or the masks input for "
+                               "an IMAGE batch. Images without a mask train everywhere."}),
+                "mask_suffix": ("STRING", {
+                    "default": "_mask", "multiline": False,
+                    "tooltip": "With masked_loss: the mask of cat.png is cat<suffix>.png (masks are not trained "
+                               "on as images)."}),
+                "masks": ("MASK", {
+                    "tooltip": "With masked_loss and the images input: one MASK per image (or one for all), the "
+                               "size of the images."}),
             },
         }
 
@@ -143,17 +155,20 @@ class FluxLoraDataset:
         return hashlib.sha256(repr(entries).encode()).hexdigest()
 
     def build(self, folder, caption_source, trigger_word, resolutions, buckets, crop, repeats, flip,
-              images=None, captions="", custom_folder=""):
+              images=None, captions="", masked_loss=False, mask_suffix="_mask", masks=None, custom_folder=""):
         from ..trainer_core.data.dataset import dataset_from_images, scan_dataset
 
         if caption_source not in CAPTION_SOURCES:
             raise TrainerInputError(f"caption_source: '{caption_source}' is not one of {', '.join(CAPTION_SOURCES)}.")
         cfg = DatasetConfig(trigger_word=trigger_word.strip(), caption_fallback=CAPTION_SOURCES[caption_source],
                             resolutions=parse_resolutions(resolutions), buckets=buckets, crop=crop, flip=flip,
-                            repeats=repeats)
+                            repeats=repeats, masked_loss=masked_loss, mask_suffix=mask_suffix.strip())
         if images is not None:
+            if masked_loss and masks is None:
+                raise TrainerInputError("masks: masked_loss is on for an IMAGE batch but no MASK is connected. "
+                                        "Connect one mask per image to 'masks', or turn masked_loss off.")
             lines = [line.strip() for line in captions.splitlines() if line.strip()]
-            items = dataset_from_images(images, lines, cfg.validate())
+            items = dataset_from_images(images, lines, cfg.validate(), masks=masks)
             return (DatasetSpec(items, cfg, f"IMAGE batch of {images.shape[0]}"),)
         if folder == NO_FOLDER and not custom_folder.strip():
             raise TrainerInputError("folder: none chosen. Pick a subfolder of ComfyUI's input folder with your "

@@ -82,7 +82,7 @@ def _node_classes():
 
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
-SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "FLUX_LORA_DATASET", "FLUX_LORA_CACHE", "FLUX_LORA_MEMORY",
+SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "IMAGE", "MASK", "FLUX_LORA_DATASET", "FLUX_LORA_CACHE", "FLUX_LORA_MEMORY",
                 "FLUX_LORA_OPTIONS"}
 
 
@@ -219,6 +219,30 @@ def test_dataset_node_takes_an_image_batch_with_captions(pack):
         images=images, captions="a cat\n\na dog\n")
     assert [item.caption for item in spec.items] == ["ohwx, a cat", "ohwx, a dog"]
     assert spec.items[0].load_pixels().shape[0] == 3
+
+
+def test_dataset_node_masked_loss_pairs_masks_from_folder_and_batch(pack, tmp_path, monkeypatch):
+    node = pack.dataset.FluxLoraDataset
+    folder = tmp_path / "input" / "masked"
+    _image(folder / "cat.png", (64, 64))
+    Image.new("L", (64, 64), 255).save(folder / "cat_mask.png")
+    _image(folder / "dog.png", (64, 64))
+    monkeypatch.setattr(pack.bridge, "comfy_folders", lambda: (tmp_path / "input", tmp_path / "output"))
+
+    (plain,) = node().build(**_dataset_widgets(pack, folder="masked", resolutions="64"))
+    assert len(plain.items) == 3 and all(item.mask is None for item in plain.items)  # the mask is an image here
+    (masked,) = node().build(**_dataset_widgets(pack, folder="masked", resolutions="64"), masked_loss=True)
+    assert {Path(str(item.source)).name: item.mask is not None for item in masked.items} == {"cat.png": True,
+                                                                                          "dog.png": False}
+
+    batch = dict(_dataset_widgets(pack, folder=pack.dataset.NO_FOLDER, resolutions="64"), images=torch.rand(2, 64, 64, 3))
+    masks = torch.zeros(2, 64, 64)
+    masks[:, :32] = 1
+    (spec,) = node().build(**batch, masked_loss=True, masks=masks)
+    weights = spec.items[0].load_mask()
+    assert weights[0, :32].min() == 1 and weights[0, 32:].max() == 0
+    with pytest.raises(pack.errors.TrainerInputError, match="no MASK is connected"):
+        node().build(**batch, masked_loss=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
