@@ -238,26 +238,73 @@ def flux_state_dict(model, dtype: torch.dtype, device: torch.device | str = "cpu
     outside inference mode, to ``dtype`` on ``device``.
     """
     flux_variant(model)
-    prefix = "diffusion_model."
+    out = _patched_weights(model, "diffusion_model.", dtype, device)
+    if not out:
+        raise TrainerInputError("model: the MODEL has no diffusion model weights; connect Load Diffusion Model.")
+    return out
+
+
+def _patched_weights(patcher, prefix: str, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """A ModelPatcher's weights under ``prefix`` (prefix removed), LoRAs applied to it merged in, as plain tensors
+    made outside inference mode."""
     out: dict[str, torch.Tensor] = {}
     with torch.inference_mode(False), torch.no_grad():
-        patches = getattr(model, "patches", None) or {}
+        patches = getattr(patcher, "patches", None) or {}
         if patches:
             import comfy.lora
 
             # Original weights (from the backup if the model is currently patched) plus their patches.
-            for key, ((weight, convert), *key_patches) in model.get_key_patches(prefix).items():
+            for key, ((weight, convert), *key_patches) in patcher.get_key_patches(prefix).items():
                 value = _plain(weight).to(torch.float32, copy=True)
                 if key_patches:
                     value = comfy.lora.calculate_weight(key_patches, convert(value, inplace=True), key)
                 out[key[len(prefix):]] = value.to(device=device, dtype=dtype)
                 del value
         else:
-            for key, weight in model.model_state_dict(prefix).items():
+            for key, weight in patcher.model_state_dict(prefix).items():
                 out[key[len(prefix):]] = _plain(weight).to(device=device, dtype=dtype, copy=True)
-    if not out:
-        raise TrainerInputError("model: the MODEL has no diffusion model weights; connect Load Diffusion Model.")
     return out
+
+
+CLIP_L_PREFIX, T5_PREFIX = "clip_l.transformer.", "t5xxl.transformer."
+T5_TOKENS = 256  # ComfyUI's FLUX T5 tokenizer pads to 256 tokens: train on the length inference will use
+
+
+def comfy_tokenizer_folder() -> Path:
+    """ComfyUI's source folder that holds its CLIP-L (sd1_tokenizer/) and T5 (text_encoders/t5_tokenizer/)
+    tokenizer files."""
+    import comfy
+
+    return Path(comfy.__file__).parent
+
+
+def flux_text_encoder(clip, dtype: torch.dtype, with_t5: bool = True, tokenizer_dir: Path | None = None):
+    """A trainable trainer_core ``FluxTextEncoder`` (transformers CLIP-L + T5-XXL) with a ComfyUI CLIP's weights.
+
+    A LoRA on ComfyUI's own text-encoder modules cannot train: their weights are inference tensors that ComfyUI
+    may move or cast at any time. So the weights are copied (LoRAs applied to the CLIP merged in) into the
+    transformers models trainer_core trains, tokenised with ComfyUI's own tokenizer files. ``with_t5=False`` skips
+    T5-XXL (~10 GB) when only CLIP-L is trained.
+    """
+    from ..trainer_core.models.encoders import text_encoders_from_state_dicts
+
+    patcher = getattr(clip, "patcher", None)
+    keys = _state_keys(patcher)
+    if not all(any(k.startswith(prefix) for k in keys) for prefix in (CLIP_L_PREFIX, T5_PREFIX)):
+        held = sorted({k.split(".")[0] for k in keys}) or ["no text encoder"]
+        raise TrainerInputError(
+            f"clip: training a text-encoder LoRA needs FLUX.1's text encoders, clip_l and t5xxl (DualCLIPLoader, "
+            f"type flux); this CLIP holds {', '.join(held)}. Connect DualCLIPLoader's CLIP to FLUX LoRA Train's clip "
+            f"input, or set text_encoders to 'none' on FLUX LoRA Options.")
+    clip_sd = _patched_weights(patcher, CLIP_L_PREFIX, dtype, "cpu")
+    t5_sd = _patched_weights(patcher, T5_PREFIX, dtype, "cpu") if with_t5 else None
+    return text_encoders_from_state_dicts(clip_sd, t5_sd,
+                                          tokenizer_dir or comfy_tokenizer_folder(), t5_max_length=T5_TOKENS,
+                                          dtype=dtype)
+
+
+def _state_keys(patcher) -> list[str]:
+    return list(patcher.model_state_dict().keys()) if hasattr(patcher, "model_state_dict") else []
 
 
 def _plain(weight: torch.Tensor) -> torch.Tensor:
@@ -272,12 +319,12 @@ def _plain(weight: torch.Tensor) -> torch.Tensor:
     )
 
 
-def model_with_lora(model, lora: dict[str, torch.Tensor], strength: float = 1.0):
-    """A clone of ``model`` with ``lora`` applied through ComfyUI's own LoRA patching (as LoraLoader does)."""
+def models_with_lora(model, clip, lora: dict[str, torch.Tensor], strength: float = 1.0):
+    """Clones of ``model`` and ``clip`` (None stays None) with ``lora`` applied through ComfyUI's own LoRA patching,
+    as LoraLoader does: the transformer keys patch the model, text-encoder keys the CLIP."""
     import comfy.sd
 
-    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)
-    return patched
+    return comfy.sd.load_lora_for_models(model, clip, lora, strength, strength if clip is not None else 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..trainer_core.config import ALGORITHMS, LOSS_TYPES, SCHEDULERS, LoraConfig, TrainConfig
+from ..trainer_core.config import ALGORITHMS, LOSS_TYPES, SCHEDULERS, TEXT_ENCODER_TARGETS, LoraConfig, TrainConfig
 from ..trainer_core.errors import TrainerInputError
 
 CATEGORY = "FLUX LoRA"
@@ -31,7 +31,9 @@ def _betas(text: str) -> list[float]:
 def options_from_widgets(targets, targets_regex, algorithm, use_dora, lokr_factor, rank_pattern, alpha_pattern,
                          init_from, export_kohya, export_comfy, scheduler, warmup_steps, scheduler_cycles,
                          scheduler_power, weight_decay, betas, eps, optimizer_args, max_grad_norm, batch_size,
-                         gradient_accumulation, loss_type, huber_c, caption_dropout, ema_decay) -> dict:
+                         gradient_accumulation, loss_type, huber_c, caption_dropout, ema_decay, shuffle_tags=False,
+                         keep_tags=1, text_encoders="none", text_encoder_rank=8, text_encoder_alpha=8.0,
+                         text_encoder_lr=0.0) -> dict:
     """The widgets as ``{"lora": {...}, "train": {...}}`` field values, each section checked by its config."""
     if targets == "regex" and not targets_regex.strip():
         raise TrainerInputError("targets_regex: targets is 'regex' but no regex was given, e.g. "
@@ -41,13 +43,16 @@ def options_from_widgets(targets, targets_regex, algorithm, use_dora, lokr_facto
         "algorithm": algorithm, "use_dora": use_dora, "lokr_factor": lokr_factor,
         "rank_pattern": rank_pattern.strip(), "alpha_pattern": alpha_pattern.strip(), "init_from": init_from.strip(),
         "export_formats": [f for f, on in (("kohya", export_kohya), ("comfy", export_comfy)) if on],
+        "text_encoders": text_encoders, "text_encoder_rank": text_encoder_rank,
+        "text_encoder_alpha": text_encoder_alpha,
     }
     train = {
         "scheduler": scheduler, "warmup_steps": warmup_steps, "scheduler_cycles": scheduler_cycles,
         "scheduler_power": scheduler_power, "weight_decay": weight_decay, "betas": _betas(betas), "eps": eps,
         "optimizer_args": optimizer_args.strip(), "max_grad_norm": max_grad_norm, "batch_size": batch_size,
         "gradient_accumulation": gradient_accumulation, "loss_type": loss_type, "huber_c": huber_c,
-        "caption_dropout": caption_dropout, "ema_decay": ema_decay,
+        "caption_dropout": caption_dropout, "ema_decay": ema_decay, "shuffle_tags": shuffle_tags,
+        "keep_tags": keep_tags, "text_encoder_lr": text_encoder_lr,
     }
     dataclasses.replace(LoraConfig(), **lora).validate()
     dataclasses.replace(TrainConfig(), **train).validate()
@@ -64,8 +69,8 @@ def apply_options(lora_cfg: LoraConfig, train_cfg: TrainConfig, options: dict | 
 
 class FluxLoraOptions:
     DESCRIPTION = ("Recipe settings beyond FLUX LoRA Train's own: targets, algorithm (LoRA/DoRA/LoKr/LoHa/OFT), "
-                   "schedule, optimizer details, loss, caption dropout, EMA and extra export formats. Connect to "
-                   "FLUX LoRA Train's options input.")
+                   "schedule, optimizer details, loss, caption dropout and tag shuffling, EMA, text-encoder LoRAs "
+                   "and extra export formats. Connect to FLUX LoRA Train's options input.")
     CATEGORY = CATEGORY
     FUNCTION = "build"
     RETURN_TYPES = ("FLUX_LORA_OPTIONS",)
@@ -131,12 +136,32 @@ class FluxLoraOptions:
             "ema_decay": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.9999, "step": 0.0001,
                                     "tooltip": "EMA of the LoRA weights, saved as <name>_ema; 0 = off, typical "
                                                "0.999."}),
+            "shuffle_tags": ("BOOLEAN", {"default": False,
+                                         "tooltip": "Shuffle comma-separated caption tags every time a caption is "
+                                                    "used. Needs FLUX LoRA Train's clip input: shuffled captions "
+                                                    "are encoded during training (the text encoders stay loaded)."}),
+            "keep_tags": ("INT", {"default": 1, "min": 0, "max": 32,
+                                  "tooltip": "shuffle_tags: leading tags that keep their place (1 keeps the trigger "
+                                             "word first)."}),
+            "text_encoders": (list(TEXT_ENCODER_TARGETS), {
+                "default": "none",
+                "tooltip": "Also train a LoRA on FLUX.1's text encoders: clip_l, t5 or both. Needs FLUX LoRA "
+                           "Train's clip input (DualCLIPLoader type flux); its clip output carries the result. "
+                           "Training T5-XXL needs ~10 GB more memory."}),
+            "text_encoder_rank": ("INT", {"default": 8, "min": 1, "max": 256,
+                                          "tooltip": "Rank of the text-encoder LoRAs."}),
+            "text_encoder_alpha": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 1024.0, "step": 0.5,
+                                             "tooltip": "Alpha of the text-encoder LoRAs."}),
+            "text_encoder_lr": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 1e-6, "round": 1e-8,
+                                          "tooltip": "Learning rate of the text-encoder LoRAs; 0 = the "
+                                                     "transformer's (typical: 1e-5, a tenth of it)."}),
         }}
 
     def build(self, targets, targets_regex, algorithm, use_dora, lokr_factor, rank_pattern, alpha_pattern, init_from,
               export_kohya, export_comfy, scheduler, warmup_steps, scheduler_cycles, scheduler_power, weight_decay,
               betas, eps, optimizer_args, max_grad_norm, batch_size, gradient_accumulation, loss_type, huber_c,
-              caption_dropout, ema_decay):
+              caption_dropout, ema_decay, shuffle_tags, keep_tags, text_encoders, text_encoder_rank,
+              text_encoder_alpha, text_encoder_lr):
         widgets = dict(locals())
         del widgets["self"]
         return (options_from_widgets(**widgets),)

@@ -32,13 +32,15 @@ class FluxLoraTrain:
                    "comes out applied to the MODEL, ready for KSampler.")
     CATEGORY = CATEGORY
     FUNCTION = "train"
-    RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP", "STRING")
-    RETURN_NAMES = ("model", "lora", "loss", "lora_name")
+    RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP", "STRING", "CLIP")
+    RETURN_NAMES = ("model", "lora", "loss", "lora_name", "clip")
     OUTPUT_TOOLTIPS = (
         "The input MODEL with the trained LoRA applied through ComfyUI's LoRA patching (connect to KSampler).",
         "The LoRA weights (for Load LoRA Model / LoraModelLoader).",
         "Loss per step (for Plot Loss Graph / LossGraphNode).",
         "The LoRA's file name in output/loras, as LoraLoader lists it.",
+        "The clip input with the text-encoder LoRA applied (FLUX LoRA Options text_encoders); unchanged when no "
+        "text encoder was trained, empty when clip is not connected.",
     )
 
     @classmethod
@@ -87,6 +89,9 @@ class FluxLoraTrain:
                 "memory": ("FLUX_LORA_MEMORY", {"tooltip": "Memory settings (precision, block swap, "
                                                            "checkpointing). Default: bf16 base, everything on the "
                                                            "GPU."}),
+                "clip": ("CLIP", {"tooltip": "FLUX.1's text encoders (DualCLIPLoader, type flux), needed only by "
+                                             "the options shuffle_tags and text_encoders, which encode captions "
+                                             "during training."}),
                 "sample_every": ("INT", {"default": 0, "min": 0, "max": MAX_STEPS,
                                          "tooltip": "Draw a validation sample into the preview every N steps and at "
                                                     "the end (0 = loss curve only). Each costs 20 sampling steps."}),
@@ -95,7 +100,8 @@ class FluxLoraTrain:
         }
 
     def train(self, model, cache, rank, alpha, learning_rate, steps, optimizer, timestep_sampling, guidance, seed,
-              checkpoint_every, output_name, resume, options=None, memory=None, sample_every=0, unique_id=None):
+              checkpoint_every, output_name, resume, options=None, memory=None, clip=None, sample_every=0,
+              unique_id=None):
         import comfy.model_management as mm
 
         from ..trainer_core.fileio import safe_output_name
@@ -119,6 +125,7 @@ class FluxLoraTrain:
         send_text("loading the model for training…")
         bridge.free_vram()
         dtype = DTYPES[dtype_name]
+        text_encoder = _training_text_encoder(clip, lora_cfg, train_cfg, dtype)
         transformer = load_flux_transformer(bridge.flux_state_dict(model, dtype), dtype=dtype, device="cpu")
         decoder = bridge.ComfyImageEncoder(cache.vae).decode if validation and cache.vae is not None else None
         progress = bridge.NodeProgress(make_bar(train_cfg.steps), send_text, check_interrupt, decoder)
@@ -129,7 +136,7 @@ class FluxLoraTrain:
                 checkpoint_root=output_dir / bridge.WORK_FOLDER / "checkpoints", validation=validation,
                 metadata={"base_model": f"FLUX.1 {variant} (ComfyUI MODEL)", "trigger_word": cache.trigger_word,
                           "resolutions": ",".join(map(str, cache.resolutions))},
-                callbacks=progress, device=device,
+                callbacks=progress, device=device, text_encoder=text_encoder,
             )
         except BaseException as exc:
             if isinstance(exc, mm.InterruptProcessingException):
@@ -140,14 +147,15 @@ class FluxLoraTrain:
             traceback.clear_frames(exc.__traceback__)
             raise
         finally:
-            del transformer
+            del transformer, text_encoder
             bridge.release()
         lora, _ = read_lora_file(result.lora_path)
         lora_name = result.lora_path.relative_to(loras_dir).as_posix()
         send_text(f"done: {lora_name} · {result.steps} steps"
                   + (f" (resumed at {result.resumed_from})" if result.resumed_from else "")
                   + f" · final loss {result.losses[-1]:.4f}")
-        return (bridge.model_with_lora(model, lora), lora, {"loss": list(result.losses)}, lora_name)
+        model_out, clip_out = bridge.models_with_lora(model, clip, lora)
+        return (model_out, lora, {"loss": list(result.losses)}, lora_name, clip_out)
 
     @staticmethod
     def _validation(cache, sample_every: int, variant: str):
@@ -160,6 +168,22 @@ class FluxLoraTrain:
         config = SampleConfig(prompts=list(cache.prompt_texts), every=sample_every, width=width, height=height,
                               guidance=3.5 if variant == "dev" else 1.0).validate()
         return ValidationPrompts(embeddings, config)
+
+
+def _training_text_encoder(clip, lora_cfg: LoraConfig, train_cfg: TrainConfig, dtype: torch.dtype):
+    """The text encoder the options need during training, or None: a trainable copy of FLUX.1's encoders for
+    text-encoder LoRAs, else ComfyUI's own CLIP for encoding shuffled captions."""
+    if lora_cfg.text_encoders == "none" and not train_cfg.shuffle_tags:
+        return None
+    if clip is None:
+        what = (f"text_encoders = '{lora_cfg.text_encoders}'" if lora_cfg.text_encoders != "none"
+                else "shuffle_tags")
+        raise TrainerInputError(f"clip: the option {what} encodes captions during training, and FLUX LoRA Train's "
+                                f"clip input is not connected. Connect the CLIP from DualCLIPLoader (the one FLUX "
+                                f"LoRA Cache uses), or turn the option off in FLUX LoRA Options.")
+    if lora_cfg.text_encoders == "none":
+        return bridge.ComfyTextEncoder(clip)
+    return bridge.flux_text_encoder(clip, dtype, with_t5=lora_cfg.text_encoders != "clip_l" or train_cfg.shuffle_tags)
 
 
 def _check_cache(cache) -> None:

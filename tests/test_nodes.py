@@ -473,3 +473,87 @@ def test_validation_settings_come_from_the_cache(pack):
     assert len(prompts.embeddings) == 1 and prompts.embeddings[0][0] is hidden  # the first caption
     assert (prompts.config.width, prompts.config.height, prompts.config.every) == (96, 64, 50)
     assert prompts.config.guidance == 3.5 and validate(data, 50, "schnell").config.guidance == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLIP → trainable text encoders (options text_encoders / shuffle_tags)
+
+class FakeClipPatcher:
+    """The parts of a CLIP's ModelPatcher the bridge reads; weights made under inference mode, as ComfyUI's."""
+
+    def __init__(self, sd):
+        with torch.inference_mode():
+            self.sd = {k: v.clone() for k, v in sd.items()}
+        self.patches = {}
+
+    def model_state_dict(self, filter_prefix=None):
+        return {k: v for k, v in self.sd.items() if filter_prefix is None or k.startswith(filter_prefix)}
+
+
+@pytest.fixture(scope="module")
+def flux_clip(tmp_path_factory):
+    """FLUX.1's pair in a ComfyUI CLIP's key layout (clip_l.transformer.… + t5xxl.transformer.…), tiny sizes
+    (CLIP head width 64, as every CLIP), and the tokenizer folder layout ComfyUI's source tree has."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tiny = importlib.import_module(f"{PACK}.trainer_core.models.tiny")
+    encoders = importlib.import_module(f"{PACK}.trainer_core.models.encoders")
+    source = tiny.build_tiny_text_encoder(seed=4)
+    tok = source.clip_tokenizer
+    torch.manual_seed(4)
+    clip_model = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+    source = encoders.FluxTextEncoder(clip_model, tok, source.t5_model, source.t5_tokenizer,
+                                      pack_bridge().T5_TOKENS)
+    folder = tmp_path_factory.mktemp("comfy")
+    source.clip_tokenizer.save_pretrained(folder / "sd1_tokenizer")
+    source.t5_tokenizer.save_pretrained(folder / "text_encoders" / "t5_tokenizer")
+    sd = {**{f"clip_l.transformer.{k}": v for k, v in clip_model.state_dict().items()},
+          **{f"t5xxl.transformer.{k}": v for k, v in source.t5_model.state_dict().items()}}
+    clip = SimpleNamespace(patcher=FakeClipPatcher(sd), cond_stage_model=None)
+    return source, clip, folder
+
+
+def pack_bridge():
+    load_pack()
+    return importlib.import_module(f"{PACK}.nodes.comfy_bridge")
+
+
+def test_flux_clip_becomes_trainable_text_encoders_with_the_same_outputs(pack, flux_clip):
+    source, clip, folder = flux_clip
+    rebuilt = pack.bridge.flux_text_encoder(clip, torch.float32, tokenizer_dir=folder)
+    captions = ["zxq, a robot", "a red square on a blue background"]
+    for got, want in zip(rebuilt.encode(captions), source.encode(captions)):
+        torch.testing.assert_close(got, want)
+    assert rebuilt.t5_max_length == 256  # ComfyUI's FLUX T5 length, as inference will encode
+    # plain tensors: a LoRA on the copy trains (ComfyUI's inference tensors would refuse backward)
+    lora = importlib.import_module(f"{PACK}.trainer_core.lora")
+    config = importlib.import_module(f"{PACK}.trainer_core.config")
+    trained = lora.add_text_encoder_lora(rebuilt, config.LoraConfig(text_encoders="clip_l", text_encoder_rank=2))
+    ids = rebuilt.clip_tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    trained[lora.CLIP_PREFIX](ids).pooler_output.sum().backward()
+    grads = [p.grad for p in lora.adapter_parameters(trained[lora.CLIP_PREFIX]).values()]
+    assert grads and all(g is not None for g in grads)
+    # CLIP-L only: T5-XXL is not copied at all
+    assert pack.bridge.flux_text_encoder(clip, torch.float32, with_t5=False, tokenizer_dir=folder).t5_model is None
+
+
+def test_text_encoder_options_need_flux_text_encoders_on_the_clip_input(pack, flux_clip):
+    _, clip, folder = flux_clip
+    config = pack.config
+    lora_te, plain = config.LoraConfig(text_encoders="t5"), config.LoraConfig()
+    with pytest.raises(pack.errors.TrainerInputError, match="clip input is not connected"):
+        pack.train._training_text_encoder(None, lora_te, config.TrainConfig(), torch.float32)
+    with pytest.raises(pack.errors.TrainerInputError, match="shuffle_tags"):
+        pack.train._training_text_encoder(None, plain, config.TrainConfig(shuffle_tags=True), torch.float32)
+    assert pack.train._training_text_encoder(None, plain, config.TrainConfig(), torch.float32) is None
+    # shuffling alone encodes through ComfyUI's own CLIP, exactly as CLIPTextEncode does
+    shuffler = pack.train._training_text_encoder(FakeCLIP(), plain, config.TrainConfig(shuffle_tags=True),
+                                                 torch.float32)
+    assert isinstance(shuffler, pack.bridge.ComfyTextEncoder)
+    clip_l_only = SimpleNamespace(patcher=FakeClipPatcher(
+        {k: v for k, v in clip.patcher.sd.items() if k.startswith("clip_l.")}))
+    with pytest.raises(pack.errors.TrainerInputError, match="this CLIP holds clip_l.*DualCLIPLoader"):
+        pack.bridge.flux_text_encoder(clip_l_only, torch.float32, tokenizer_dir=folder)

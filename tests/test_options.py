@@ -172,7 +172,7 @@ def test_caption_dropout_without_an_empty_caption_or_encoder_is_a_clear_error(ta
 def test_shuffled_tags_are_encoded_live(tagged, tmp_path):
     cache = _cache(tagged, tmp_path)
     encoder = build_tiny_text_encoder(seed=0)
-    with pytest.raises(TrainerInputError, match="shuffle_tags needs the CLIP-L and T5 text encoders"):
+    with pytest.raises(TrainerInputError, match="shuffle_tags needs the text encoders during training"):
         TextConditioning(cache, None, LoraConfig(), fast(shuffle_tags=True), torch.device("cpu"))
     live = TextConditioning(cache, encoder, LoraConfig(), fast(), torch.device("cpu"))
     live.live_clip = live.live_t5 = True  # same captions, encoded live: identical to the cache
@@ -184,6 +184,31 @@ def test_shuffled_tags_are_encoded_live(tagged, tmp_path):
     generator = torch.Generator().manual_seed(0)
     draws = [shuffled.batch([0], generator)[0] for _ in range(6)]
     assert any(not torch.allclose(d, draws[0]) for d in draws[1:])
+
+
+def test_shuffled_tags_go_through_an_encode_only_text_encoder(tagged, tmp_path):
+    """ComfyUI's CLIP reaches the trainer as a bare ``encode(captions)``: shuffled captions are encoded through it."""
+    cache = _cache(tagged, tmp_path)
+    encoder = build_tiny_text_encoder(seed=0)
+    seen = []
+
+    class EncodeOnly:
+        def encode(self, captions):
+            seen.append(list(captions))
+            with torch.inference_mode():  # as ComfyUI's CLIPTextEncode produces them
+                return encoder.encode(captions)
+
+    text = TextConditioning(cache, EncodeOnly(), LoraConfig(), fast(shuffle_tags=True, keep_tags=1),
+                            torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    hidden, pooled = text.batch([0, 1], generator)
+    assert not hidden.is_inference() and hidden.shape[0] == pooled.shape[0] == 2
+    first_tags = [c.split(", ")[0] for c in seen[0]]
+    assert first_tags == [cache.items[i].caption.split(", ")[0] for i in (0, 1)]  # the kept tag stays first
+    for _ in range(8):
+        text.batch([0], generator)
+    assert len({tuple(c) for c in seen[1:]}) > 1  # every batch draws a new order
+    torch.testing.assert_close(text.batch([0], generator)[0], encoder.encode(seen[-1])[0])
 
 
 # --- EMA ----------------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ def widgets(**changes):
                   rank_pattern="", alpha_pattern="", init_from="", export_kohya=False, export_comfy=False,
                   scheduler="constant", warmup_steps=0, scheduler_cycles=1, scheduler_power=1.0, weight_decay=0.0,
                   betas="", eps=0.0, optimizer_args="", max_grad_norm=1.0, batch_size=1, gradient_accumulation=1,
-                  loss_type="l2", huber_c=0.1, caption_dropout=0.0, ema_decay=0.0)
+                  loss_type="l2", huber_c=0.1, caption_dropout=0.0, ema_decay=0.0, shuffle_tags=False, keep_tags=1,
+                  text_encoders="none", text_encoder_rank=8, text_encoder_alpha=8.0, text_encoder_lr=0.0)
     values.update(changes)
     return values
 

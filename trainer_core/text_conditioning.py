@@ -28,28 +28,38 @@ class TextConditioning:
     def __init__(self, cache: LatentCache, text_encoder, lora_cfg: LoraConfig, train_cfg: TrainConfig,
                  device: torch.device):
         self.cache, self.text_encoder, self.cfg, self.device = cache, text_encoder, train_cfg, device
-        wants = lora_cfg.text_encoders != "none" or train_cfg.shuffle_tags
-        if wants and not all(hasattr(text_encoder, a) for a in ("clip_model", "t5_model", "clip_tokenizer")):
-            what = (f"lora.text_encoders = '{lora_cfg.text_encoders}'" if lora_cfg.text_encoders != "none"
-                    else "train.shuffle_tags")
+        has_models = all(hasattr(text_encoder, a) for a in ("clip_model", "t5_model", "clip_tokenizer"))
+        if lora_cfg.text_encoders != "none" and not has_models:
             raise TrainerInputError(
-                f"{what} needs the CLIP-L and T5 text encoders during training (their outputs cannot come from the "
-                f"cache), and {'none was given' if text_encoder is None else 'the given one does not expose them'}. "
-                f"Connect the text encoders to the training step, or turn the option off."
+                f"lora.text_encoders = '{lora_cfg.text_encoders}' needs the CLIP-L and T5 text encoders during "
+                f"training (their outputs cannot come from the cache), and "
+                f"{'none was given' if text_encoder is None else 'the given one does not expose them'}. "
+                f"Connect FLUX.1's text encoders (clip_l + t5xxl) to the training step, or set text_encoders to "
+                f"'none'."
             )
-        self.trained = lora.add_text_encoder_lora(text_encoder, lora_cfg, seed=train_cfg.seed) if wants else {}
-        self.live_clip = lora.CLIP_PREFIX in self.trained or train_cfg.shuffle_tags
-        self.live_t5 = lora.T5_PREFIX in self.trained or train_cfg.shuffle_tags
+        if train_cfg.shuffle_tags and not (has_models or hasattr(text_encoder, "encode")):
+            raise TrainerInputError(
+                "train.shuffle_tags needs the text encoders during training (every shuffle is a new caption, which "
+                "the cache does not hold), and none was given. Connect the text encoders to the training step, or "
+                "turn shuffle_tags off.")
+        self.trained = lora.add_text_encoder_lora(text_encoder, lora_cfg, seed=train_cfg.seed) \
+            if lora_cfg.text_encoders != "none" else {}
+        self.live_clip = lora.CLIP_PREFIX in self.trained or (train_cfg.shuffle_tags and has_models)
+        self.live_t5 = lora.T5_PREFIX in self.trained or (train_cfg.shuffle_tags and has_models)
+        # A text encoder given only as a callable (ComfyUI's CLIP): shuffled captions are encoded whole through it.
+        self.live_encode = train_cfg.shuffle_tags and not has_models
         for prefix, model in self.trained.items():
             for param in lora.adapter_parameters(model).values():
                 param.data = param.data.float()  # fp32 masters; peft computes the LoRA path in their dtype
             log.info("training a LoRA on %s: its text embeddings are computed live each step, not taken from "
                      "the cache", "CLIP-L" if prefix == lora.CLIP_PREFIX else "T5")
+        if train_cfg.shuffle_tags:
+            log.info("shuffle_tags: captions are encoded live each step (the cache holds the unshuffled ones)")
         for live, model in ((self.live_clip, "clip_model"), (self.live_t5, "t5_model")):
             if live:
                 getattr(text_encoder, model).to(device)
         self.empty = None
-        if train_cfg.caption_dropout and not (self.live_clip and self.live_t5):
+        if train_cfg.caption_dropout and not (self.live_clip and self.live_t5) and not self.live_encode:
             self.empty = cache.empty_text(text_encoder)
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -64,6 +74,10 @@ class TextConditioning:
             rng = random.Random(seed)
             captions = [caption_variant(c, rng, cfg.caption_dropout, cfg.shuffle_tags, cfg.keep_tags)
                         for c in captions]
+        if self.live_encode:
+            with torch.inference_mode(False):  # ComfyUI encodes under inference mode; training needs plain tensors
+                hidden, pooled = (t.to(self.device).clone() for t in self.text_encoder.encode(captions))
+            return hidden, pooled
         cached = [] if self.live_t5 and self.live_clip else [
             self.cache.text(i) if c or self.empty is None else self.empty for i, c in zip(indices, captions)]
         hidden = self._t5(captions) if self.live_t5 else _stack_padded([t[0] for t in cached])

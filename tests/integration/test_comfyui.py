@@ -292,6 +292,26 @@ def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(server):
     assert rows[-1]["step"] == steps
 
 
+def test_shuffled_tags_are_encoded_by_comfyuis_clip_during_training(server):
+    """FLUX LoRA Options' shuffle_tags with FLUX LoRA Train's clip input: captions go through ComfyUI's own CLIP
+    every step (its outputs are inference tensors made inside a node), and the run finishes."""
+    api = training_only(adapt(json.loads(WORKFLOW.read_text()), server.fixtures, steps=3, output_name="shuffled"))
+    train, cache = _node_id(api, "FluxLoraTrain"), _node_id(api, "FluxLoraCache")
+    schema = server.request("/object_info/FluxLoraOptions")["FluxLoraOptions"]["input"]["required"]
+    options = {name: (spec[1] or {}).get("default", spec[0][0] if isinstance(spec[0], list) else None)
+               for name, spec in schema.items()}
+    options.update(shuffle_tags=True, keep_tags=1, caption_dropout=0.3)
+    api["950"] = {"class_type": "FluxLoraOptions", "inputs": options}
+    api[train]["inputs"].update(options=["950", 0], clip=api[cache]["inputs"]["clip"])
+    history = server.wait(server.queue(api))
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
+    lora = server.base / "output" / "loras" / "shuffled.safetensors"
+    with safe_open(str(lora), framework="pt") as f:
+        settings = json.loads(f.metadata()["training_settings"])
+    assert settings["shuffle_tags"] is True and settings["caption_dropout"] == 0.3
+    assert "captions are encoded live" in server.log_text()
+
+
 def test_installing_the_requirements_changes_nothing_comfyui_needs(tmp_path):
     """pip would install nothing that ComfyUI's requirements name, and the environment stays consistent."""
     report = tmp_path / "report.json"

@@ -368,36 +368,40 @@ _ENCODERS = {
 
 
 def _load_encoder_file(kind: str, path: Path, dtype: torch.dtype, device):
+    with open_safetensors(path, f"{_ENCODERS[kind][0]} file") as handle:
+        return _build_encoder(kind, TensorReader.from_file(handle, path, prefix=_ENCODERS[kind][3]), dtype, device)
+
+
+def _build_encoder(kind: str, src: TensorReader, dtype: torch.dtype, device):
+    """A transformers CLIPTextModel / T5EncoderModel sized and filled from ``src`` (a file or a state dict)."""
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    what, marker, make_config, prefix = _ENCODERS[kind]
-    with open_safetensors(path, f"{what} file") as handle:
-        src = TensorReader.from_file(handle, path, prefix=prefix)
-        if marker not in src.keys:
-            found = ", ".join(sorted(src.keys)[:3]) or "no tensors"
-            example = "clip_l" if kind == "clip" else "t5xxl"
-            raise TrainerInputError(f"{path} is not a {what} (found {found}); choose the {example} file from "
-                                    "ComfyUI models/text_encoders.")
-        config = make_config(src)
-        with init_empty_weights():
-            if kind == "clip":
-                model = CLIPTextModel(CLIPTextConfig(**config))
-            else:
-                model = T5EncoderModel(T5Config(**config))
-        expected = model.state_dict()
-        sd = {}
-        for key in expected:
-            source_key = key
-            if kind == "t5" and key in ("shared.weight", "encoder.embed_tokens.weight") and key not in src.keys:
-                source_key = "encoder.embed_tokens.weight" if key == "shared.weight" else "shared.weight"
-            if source_key not in src.keys:
-                raise TrainerInputError(f"{path}: tensor '{key}' of the {what} is missing; the file is incomplete or "
-                                        "another model — download it again.")
-            if tuple(src.shape(source_key)) != tuple(expected[key].shape):
-                raise TrainerInputError(f"{path}: '{key}' has shape {src.shape(source_key)}, expected "
-                                        f"{tuple(expected[key].shape)}; this is not a standard {what}.")
-            sd[key] = src.get(source_key).to(device=device, dtype=dtype)
+    what, marker, make_config, _ = _ENCODERS[kind]
+    if marker not in src.keys:
+        found = ", ".join(sorted(src.keys)[:3]) or "no tensors"
+        example = "clip_l" if kind == "clip" else "t5xxl"
+        raise TrainerInputError(f"{src.name} is not a {what} (found {found}); choose the {example} file from "
+                                "ComfyUI models/text_encoders.")
+    config = make_config(src)
+    with init_empty_weights():
+        if kind == "clip":
+            model = CLIPTextModel(CLIPTextConfig(**config))
+        else:
+            model = T5EncoderModel(T5Config(**config))
+    expected = model.state_dict()
+    sd = {}
+    for key in expected:
+        source_key = key
+        if kind == "t5" and key in ("shared.weight", "encoder.embed_tokens.weight") and key not in src.keys:
+            source_key = "encoder.embed_tokens.weight" if key == "shared.weight" else "shared.weight"
+        if source_key not in src.keys:
+            raise TrainerInputError(f"{src.name}: tensor '{key}' of the {what} is missing; the file is incomplete or "
+                                    "another model — download it again.")
+        if tuple(src.shape(source_key)) != tuple(expected[key].shape):
+            raise TrainerInputError(f"{src.name}: '{key}' has shape {src.shape(source_key)}, expected "
+                                    f"{tuple(expected[key].shape)}; this is not a standard {what}.")
+        sd[key] = src.get(source_key).to(device=device, dtype=dtype)
     model.load_state_dict(sd, strict=True, assign=True)
     if kind == "t5":
         model.tie_weights()  # shared.weight and encoder.embed_tokens.weight are one tensor
@@ -442,8 +446,29 @@ def load_text_encoders(clip_path: PathLike, t5_path: PathLike, tokenizer_dir: Pa
     t5_tokenizer = load_tokenizer("t5", t5_path, tokenizer_dir)
     clip = load_text_encoder("clip", clip_path, dtype, device)
     t5 = load_text_encoder("t5", t5_path, dtype, device)
+    return _text_encoder(clip, clip_tokenizer, t5, t5_tokenizer, t5_max_length)
+
+
+def text_encoders_from_state_dicts(clip_sd: dict[str, torch.Tensor], t5_sd: dict[str, torch.Tensor] | None,
+                                   tokenizer_dir: PathLike, t5_max_length: int = 512, dtype: torch.dtype | None = None,
+                                   device="cpu") -> FluxTextEncoder:
+    """As :func:`load_text_encoders`, from in-memory CLIP-L (``text_model.…`` keys) and T5-XXL (``encoder.…``)
+    weights — e.g. a ComfyUI CLIP's — with tokenizers from ``tokenizer_dir``. ``t5_sd=None`` leaves T5 out
+    (``t5_model`` None), for training a CLIP-L LoRA without holding T5-XXL's ~10 GB."""
+    dtype = dtype or _default_dtype(device)
+    tokenizer_dir = Path(tokenizer_dir)
+    clip_tokenizer = load_tokenizer("clip", tokenizer_dir, tokenizer_dir)
+    t5_tokenizer = load_tokenizer("t5", tokenizer_dir, tokenizer_dir)
+    clip = _build_encoder("clip", TensorReader.from_dict(clip_sd, "CLIP-L weights", prefix="text_model."), dtype,
+                          device)
+    t5 = None if t5_sd is None else _build_encoder("t5", TensorReader.from_dict(t5_sd, "T5-XXL weights", prefix=""),
+                                                   dtype, device)
+    return _text_encoder(clip, clip_tokenizer, t5, t5_tokenizer, t5_max_length)
+
+
+def _text_encoder(clip, clip_tokenizer, t5, t5_tokenizer, t5_max_length: int) -> FluxTextEncoder:
     for tokenizer, model, kind in ((clip_tokenizer, clip, "clip"), (t5_tokenizer, t5, "t5")):
-        if len(tokenizer) > model.config.vocab_size:
+        if model is not None and len(tokenizer) > model.config.vocab_size:
             raise TrainerInputError(f"The {_NAMES[kind]} tokenizer has {len(tokenizer)} tokens but the model only "
                                     f"{model.config.vocab_size}: it belongs to another model; use the "
                                     f"{_NAMES[kind]} tokenizer.")
