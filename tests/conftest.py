@@ -25,3 +25,20 @@ def sample_cache(tmp_path_factory):
     items = scan_dataset(DatasetConfig(folder=str(SAMPLES), resolutions=[64], allow_upscale=True))
     return build_cache(items, build_tiny_vae(seed=0), build_tiny_text_encoder(seed=0),
                        tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def stop_at():
+    """``stop_at(step)``: training callbacks that interrupt the run once it finishes ``step``, as Ctrl+C or
+    ComfyUI's Cancel does mid-run."""
+    from trainer_core.train import Callbacks
+
+    class StopAt(Callbacks):
+        def __init__(self, step: int):
+            self.step = step
+
+        def on_step(self, info):
+            if info.step == self.step:
+                raise KeyboardInterrupt
+
+    return StopAt

@@ -141,7 +141,7 @@ def test_training_session_uses_the_configured_optimizer_and_schedule(sample_cach
 
 
 @pytest.mark.parametrize("optimizer", ["prodigy", "adafactor", "lion8bit"])
-def test_resume_is_exact_for_every_optimizer_family(sample_cache, tmp_path, optimizer):
+def test_resume_is_exact_for_every_optimizer_family(sample_cache, tmp_path, optimizer, stop_at):
     cfg = TrainConfig(steps=6, optimizer=optimizer, learning_rate=1.0 if optimizer == "prodigy" else 1e-3,
                       compute_dtype="fp32", checkpoint_every=3, timestep_sampling="sigmoid", seed=3,
                       scheduler="cosine_with_restarts", scheduler_cycles=2, ema_decay=0.9)
@@ -154,16 +154,8 @@ def test_resume_is_exact_for_every_optimizer_family(sample_cache, tmp_path, opti
 
     full_model, full = run(tmp_path / "full")
 
-    class StopAt3:
-        def on_step(self, info):
-            if info.step == 3:
-                raise KeyboardInterrupt
-
-        def __getattr__(self, name):
-            return lambda *a, **k: False
-
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "split", callbacks=StopAt3())
+        run(tmp_path / "split", callbacks=stop_at(3))
     assert ckpt.latest_checkpoint(tmp_path / "split" / "checkpoints" / "r").name == "step_000003.safetensors"
     resumed_model, resumed = run(tmp_path / "split", resume=True)
     assert resumed.resumed_from == 3 and resumed.losses == full.losses

@@ -271,24 +271,16 @@ def test_text_encoder_learning_rate_is_its_own_group(sample_cache):
                         fast(), device="cpu")
 
 
-def test_resume_is_exact_with_text_encoder_lora_masks_and_dropout(tagged, tmp_path):
+def test_resume_is_exact_with_text_encoder_lora_masks_and_dropout(tagged, tmp_path, stop_at):
     cache = _cache(tagged, tmp_path, masked=True, empty_caption=True)
     cfg = fast(steps=6, checkpoint_every=3, caption_dropout=0.3, ema_decay=0.8, loss_type="huber")
     lora_cfg = LoraConfig(rank=2, text_encoders="both")
 
     full_model, full = _train(cache, tmp_path / "full", cfg, lora_cfg, text_encoder=build_tiny_text_encoder(seed=0))
 
-    class StopAt3:
-        def on_step(self, info):
-            if info.step == 3:
-                raise KeyboardInterrupt
-
-        def __getattr__(self, name):
-            return lambda *a, **k: False
-
     with pytest.raises(KeyboardInterrupt):
         _train(cache, tmp_path / "split", cfg, lora_cfg, text_encoder=build_tiny_text_encoder(seed=0),
-               callbacks=StopAt3())
+               callbacks=stop_at(3))
     saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "split" / "checkpoints" / "t"))
     assert any(k.startswith("text_encoder") for k in saved.lora) and saved.ema
     _, resumed = _train(cache, tmp_path / "split", cfg, lora_cfg, text_encoder=build_tiny_text_encoder(seed=0),

@@ -27,15 +27,6 @@ def train(cache, tmp_path, cfg, name="t", **kwargs):
     return model, result
 
 
-class StopAt(Callbacks):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step(self, info):
-        if info.step == self.step:
-            raise KeyboardInterrupt  # what Ctrl+C or ComfyUI's interrupt does mid-run
-
-
 def test_loss_falls_and_only_lora_tensors_change(sample_cache, tmp_path):
     model = build_tiny_transformer(seed=0)
     base = {k: v.clone() for k, v in model.state_dict().items()}
@@ -68,13 +59,13 @@ def test_learning_is_real_lora_reproduces_its_training_image(sample_cache, tmp_p
 
 
 @pytest.mark.parametrize("optimizer,accum", [("adamw", 1), ("adamw8bit", 2)])
-def test_resume_continues_bit_for_bit(sample_cache, tmp_path, optimizer, accum):
+def test_resume_continues_bit_for_bit(sample_cache, tmp_path, optimizer, accum, stop_at):
     cfg = fast(steps=10, optimizer=optimizer, gradient_accumulation=accum, checkpoint_every=3, scheduler="cosine",
                warmup_steps=2)
     full_model, full = train(sample_cache, tmp_path / "full", cfg)
 
     with pytest.raises(KeyboardInterrupt):
-        train(sample_cache, tmp_path / "split", cfg, callbacks=StopAt(5))
+        train(sample_cache, tmp_path / "split", cfg, callbacks=stop_at(5))
     saved = ckpt.latest_checkpoint(tmp_path / "split" / "checkpoints" / "t")
     assert saved is not None and saved.name == "step_000005.safetensors"
     resumed_model, resumed = train(sample_cache, tmp_path / "split", cfg, resume=True)
@@ -85,9 +76,9 @@ def test_resume_continues_bit_for_bit(sample_cache, tmp_path, optimizer, accum):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_changed_settings(sample_cache, tmp_path):
+def test_resume_refuses_changed_settings(sample_cache, tmp_path, stop_at):
     with pytest.raises(KeyboardInterrupt):
-        train(sample_cache, tmp_path, fast(), callbacks=StopAt(2))
+        train(sample_cache, tmp_path, fast(), callbacks=stop_at(2))
     with pytest.raises(TrainerInputError, match="settings changed.*learning_rate"):
         train(sample_cache, tmp_path, fast(learning_rate=5e-4), resume=True)
 
