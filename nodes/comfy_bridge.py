@@ -266,7 +266,7 @@ def _patched_weights(patcher, prefix: str, dtype: torch.dtype, device) -> dict[s
     return out
 
 
-CLIP_L_PREFIX, T5_PREFIX = "clip_l.transformer.", "t5xxl.transformer."
+COMFY_CLIP_L, COMFY_T5 = "clip_l.transformer.", "t5xxl.transformer."  # key prefixes in a FLUX CLIP
 T5_TOKENS = 256  # ComfyUI's FLUX T5 tokenizer pads to 256 tokens: train on the length inference will use
 
 
@@ -288,23 +288,19 @@ def flux_text_encoder(clip, dtype: torch.dtype, with_t5: bool = True, tokenizer_
     """
     from ..trainer_core.models.encoders import text_encoders_from_state_dicts
 
-    patcher = getattr(clip, "patcher", None)
-    keys = _state_keys(patcher)
-    if not all(any(k.startswith(prefix) for k in keys) for prefix in (CLIP_L_PREFIX, T5_PREFIX)):
+    patcher = clip.patcher
+    keys = patcher.model_state_dict().keys()
+    if not all(any(k.startswith(prefix) for k in keys) for prefix in (COMFY_CLIP_L, COMFY_T5)):
         held = sorted({k.split(".")[0] for k in keys}) or ["no text encoder"]
         raise TrainerInputError(
             f"clip: training a text-encoder LoRA needs FLUX.1's text encoders, clip_l and t5xxl (DualCLIPLoader, "
             f"type flux); this CLIP holds {', '.join(held)}. Connect DualCLIPLoader's CLIP to FLUX LoRA Train's clip "
             f"input, or set text_encoders to 'none' on FLUX LoRA Options.")
-    clip_sd = _patched_weights(patcher, CLIP_L_PREFIX, dtype, "cpu")
-    t5_sd = _patched_weights(patcher, T5_PREFIX, dtype, "cpu") if with_t5 else None
+    clip_sd = _patched_weights(patcher, COMFY_CLIP_L, dtype, "cpu")
+    t5_sd = _patched_weights(patcher, COMFY_T5, dtype, "cpu") if with_t5 else None
     return text_encoders_from_state_dicts(clip_sd, t5_sd,
                                           tokenizer_dir or comfy_tokenizer_folder(), t5_max_length=T5_TOKENS,
                                           dtype=dtype)
-
-
-def _state_keys(patcher) -> list[str]:
-    return list(patcher.model_state_dict().keys()) if hasattr(patcher, "model_state_dict") else []
 
 
 def _plain(weight: torch.Tensor) -> torch.Tensor:

@@ -31,9 +31,8 @@ def _betas(text: str) -> list[float]:
 def options_from_widgets(targets, targets_regex, algorithm, use_dora, lokr_factor, rank_pattern, alpha_pattern,
                          init_from, export_kohya, export_comfy, scheduler, warmup_steps, scheduler_cycles,
                          scheduler_power, weight_decay, betas, eps, optimizer_args, max_grad_norm, batch_size,
-                         gradient_accumulation, loss_type, huber_c, caption_dropout, ema_decay, shuffle_tags=False,
-                         keep_tags=1, text_encoders="none", text_encoder_rank=8, text_encoder_alpha=8.0,
-                         text_encoder_lr=0.0) -> dict:
+                         gradient_accumulation, loss_type, huber_c, caption_dropout, ema_decay, shuffle_tags,
+                         keep_tags, text_encoders, text_encoder_rank, text_encoder_alpha, text_encoder_lr) -> dict:
     """The widgets as ``{"lora": {...}, "train": {...}}`` field values, each section checked by its config."""
     if targets == "regex" and not targets_regex.strip():
         raise TrainerInputError("targets_regex: targets is 'regex' but no regex was given, e.g. "

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from .config import OPTIMIZERS, DatasetConfig, LoraConfig, RunConfig, SampleConfig, TrainConfig, load_run_config
 from .errors import TrainerInputError, TrainingStopped
+from .memory import time_estimate
 
 log = logging.getLogger("trainer_core")
 
@@ -31,8 +32,6 @@ class TqdmCallbacks:
         self.step_seconds: list[float] = []
 
     def on_step(self, info) -> None:
-        from .memory import time_estimate
-
         self.bar.n = info.step
         self.bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
         self.bar.refresh()

@@ -88,18 +88,18 @@ class TextConditioning:
     # embeddings of an untrained encoder are identical; gradients flow when the encoder carries a LoRA.
     def _clip(self, captions: list[str]) -> torch.Tensor:
         te = self.text_encoder
-        ids = te.clip_tokenizer(captions, padding="max_length", max_length=te.clip_max_length, truncation=True,
-                                return_tensors="pt").input_ids
-        with torch.set_grad_enabled(lora.CLIP_PREFIX in self.trained):
-            return te.clip_model(ids.to(self.device)).pooler_output
+        return self._live(te.clip_model, te.clip_tokenizer, te.clip_max_length, lora.CLIP_PREFIX,
+                          captions).pooler_output
 
     def _t5(self, captions: list[str]) -> torch.Tensor:
         te = self.text_encoder
-        ids = te.t5_tokenizer(captions, padding="max_length", max_length=te.t5_max_length, truncation=True,
-                              return_tensors="pt").input_ids
-        with torch.set_grad_enabled(lora.T5_PREFIX in self.trained):
-            return te.t5_model(ids.to(self.device)).last_hidden_state
+        return self._live(te.t5_model, te.t5_tokenizer, te.t5_max_length, lora.T5_PREFIX, captions).last_hidden_state
 
+    def _live(self, model, tokenizer, max_length: int, prefix: str, captions: list[str]):
+        ids = tokenizer(captions, padding="max_length", max_length=max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        with torch.set_grad_enabled(prefix in self.trained):
+            return model(ids.to(self.device))
 
 def _stack_padded(hidden: list[torch.Tensor]) -> torch.Tensor:
     """Stack [L, D] hidden states of different lengths (ComfyUI's T5 grows past 256 tokens for long captions)
