@@ -15,7 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .workloads import GiB, RowSpec, machine, measure
+from .workloads import RowSpec, machine, measure
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 TIERS = ("8gb", "12gb", "16gb", "24gb", "48gb", "80gb")

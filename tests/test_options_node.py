@@ -3,7 +3,6 @@
 import importlib
 
 import pytest
-import torch
 
 from test_nodes import PACK, load_pack
 

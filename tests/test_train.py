@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trainer_core import checkpoint as ckpt
-from trainer_core import flow, lora
+from trainer_core import lora
 from trainer_core.config import LoraConfig, TrainConfig
 from trainer_core.data.cache import LatentCache
 from trainer_core.errors import TrainerInputError, TrainingStopped

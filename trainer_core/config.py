@@ -285,9 +285,6 @@ class RunConfig:
             section.validate()
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "RunConfig":
         """Build from nested dicts (a parsed TOML file); unknown sections or keys are errors, not ignored."""

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,29 +43,6 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)
-
-
-def save_json(data, path: Path) -> Path:
-    with atomic_path(Path(path)) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    return Path(path)
-
-
-def publish_dir(staging: Path, final: Path) -> Path:
-    """Move a fully written staging folder to ``final`` (replacing an older one of that name)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
-    return final
-
-
-def staging_dir(parent: Path, name: str) -> Path:
-    """A fresh hidden folder inside ``parent`` to build a directory before ``publish_dir``."""
-    return Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
 
 
 def unique_path(path: Path) -> Path:
