@@ -42,3 +42,29 @@ def stop_at():
                 raise KeyboardInterrupt
 
     return StopAt
+
+
+@pytest.fixture
+def load_with_diffusers():
+    """``load(route, path, transformer, clip=None)``: a LoRA file into a FLUX transformer (and a CLIP-L, for
+    pipelines) the ways diffusers users load one — ``load_lora_weights`` on a FluxPipeline of those models,
+    ``load_lora_adapter`` on the transformer, or ``FluxPipeline.lora_state_dict`` + ``load_lora_into_transformer``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from trainer_core.models.tiny import build_tiny_text_encoder
+
+    def load(route: str, path: Path, transformer, clip=None) -> None:
+        if route == "load_lora_weights":
+            encoders = build_tiny_text_encoder(seed=0)
+            pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                                text_encoder=clip if clip is not None else encoders.clip_model,
+                                tokenizer=encoders.clip_tokenizer, text_encoder_2=encoders.t5_model,
+                                tokenizer_2=encoders.t5_tokenizer, transformer=transformer)
+            pipe.load_lora_weights(str(path))
+        elif route == "load_lora_adapter":
+            transformer.load_lora_adapter(str(path), prefix="transformer")
+        else:
+            state_dict, alphas = FluxPipeline.lora_state_dict(str(path), return_alphas=True)
+            FluxPipeline.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=transformer)
+
+    return load

@@ -5,6 +5,10 @@ Algorithms (``lora.algorithm``): LoRA (optionally DoRA), LoKr, LoHa and OFT, all
 uses keys that ComfyUI and diffusers read (reference.md §2–3), ``transformer.<diffusers module>.<tensor>``:
 
 * LoRA: ``lora_A.weight`` [r, in], ``lora_B.weight`` [out, r] and a scalar ``alpha``; delta = (alpha / r)·B@A.
+  The trained scale is folded into ``lora_B`` and ``alpha`` is written as r, so the matrices alone give the delta:
+  loaders that read alpha (ComfyUI, kohya-style tools, diffusers' ``load_lora_weights``) and loaders that do not
+  (diffusers' ``load_lora_adapter`` on a file) apply the same LoRA. diffusers refuses a file that carries alpha
+  both as tensors and in its ``lora_adapter_metadata`` header, so there is no such header.
   DoRA adds ``dora_scale`` [out, 1] in ComfyUI's convention (see :func:`_dora_scale`).
 * LoKr: ``lokr_w1`` / ``lokr_w2`` (or their ``_a``/``_b`` factors) and ``alpha``; delta = kron(w1, w2)·scale.
 * LoHa: ``hada_w1_a`` … ``hada_w2_b`` and ``alpha``; delta = (w1a@w1b)·(w2a@w2b)·alpha/r.
@@ -20,7 +24,6 @@ names.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -241,8 +244,9 @@ def training_state_dict(transformer: torch.nn.Module, text_encoders: dict[str, t
 
 def set_lora_state_dict(transformer: torch.nn.Module, state_dict: dict[str, torch.Tensor],
                         text_encoders: dict[str, torch.nn.Module] | None = None) -> None:
-    """Copy adapter tensors (:func:`training_state_dict`, or a LoRA file of the same targets and ranks) into the
-    existing adapters, e.g. on resume. ``.alpha`` scalars are ignored."""
+    """Copy adapter tensors (:func:`training_state_dict`, or a LoRA file of the same targets and ranks into adapters
+    with alpha = rank, since a file's scale is in its lora_B) into the existing adapters, e.g. on resume. ``.alpha``
+    scalars are ignored."""
     params = adapter_parameters(transformer, PREFIX)
     for prefix, model in (text_encoders or {}).items():
         params.update(adapter_parameters(model, prefix))
@@ -306,11 +310,12 @@ def _dora_scale(layer: LoraLayer) -> torch.Tensor:
 def layer_tensors(layer: BaseTunerLayer) -> dict[str, torch.Tensor]:
     """One layer's tensors in the default file format (suffix → tensor), so that ComfyUI computes peft's delta."""
     if isinstance(layer, LoraLayer):
-        rank = layer.r[ADAPTER]
-        # alpha / rank = peft's scaling, whatever produced it (alpha_pattern, rsLoRA)
+        up = layer.lora_B[ADAPTER].weight.detach()
+        # peft's scaling, whatever produced it (alpha / rank, alpha_pattern, rsLoRA), goes into lora_B; alpha = rank
+        # then means scale 1 to every reader, including those that ignore alpha (see the module docstring).
         out = {"lora_A.weight": layer.lora_A[ADAPTER].weight.detach(),
-               "lora_B.weight": layer.lora_B[ADAPTER].weight.detach(),
-               "alpha": torch.tensor(float(layer.scaling[ADAPTER] * rank))}
+               "lora_B.weight": (up.float() * layer.scaling[ADAPTER]).to(up.dtype),
+               "alpha": torch.tensor(float(layer.r[ADAPTER]))}
         if layer.use_dora[ADAPTER]:
             out["dora_scale"] = _dora_scale(layer)
         return out
@@ -350,23 +355,6 @@ def lora_state_dict(transformer: torch.nn.Module, dtype: torch.dtype | None = No
     return out
 
 
-def diffusers_adapter_metadata(transformer: torch.nn.Module) -> str | None:
-    """peft config for diffusers' ``load_lora_adapter`` (it reads ``lora_adapter_metadata``), keys prefixed.
-    None for adapters diffusers does not load (LoKr, LoHa, OFT)."""
-    cfg = transformer.peft_config[ADAPTER]
-    if not isinstance(cfg, PeftLoraConfig):
-        return None
-    fields = {
-        "r": cfg.r,
-        "lora_alpha": cfg.lora_alpha,
-        "target_modules": sorted(adapter_layers(transformer)),
-        "rank_pattern": dict(cfg.rank_pattern),
-        "alpha_pattern": dict(cfg.alpha_pattern),
-        "use_dora": cfg.use_dora,
-    }
-    return json.dumps({f"{PREFIX}{k}": v for k, v in fields.items()})
-
-
 def save_lora(
     path: Path,
     transformer: torch.nn.Module,
@@ -383,11 +371,7 @@ def save_lora(
         path = unique_path(path)
     meta = {k: str(v) for k, v in metadata.items()}
     state = lora_state_dict(transformer, None, text_encoders)
-    if fmt == "default":
-        adapter_meta = diffusers_adapter_metadata(transformer)
-        if adapter_meta:
-            meta["lora_adapter_metadata"] = adapter_meta
-    else:
+    if fmt != "default":
         from .export import convert
 
         state = convert(state, transformer, fmt, text_encoders)
