@@ -10,6 +10,7 @@ file under ComfyUI's own torch as well.
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from trainer_core import checkpoint as ckpt
 from trainer_core import lora
@@ -75,3 +76,18 @@ def test_stop_and_resume_gives_the_uninterrupted_run(cache, tmp_path, optimizer,
     assert resumed.losses == full.losses  # exact: the same floats, not approximately
     a, b = lora.lora_state_dict(full_model), lora.lora_state_dict(resumed_model)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_stores_shared_tensors_once_and_gives_back_the_sharing(tmp_path):
+    """One tensor under several names comes back as one tensor; views that only overlap come back as equal copies."""
+    shared, buffer = torch.randn(256), torch.randn(10)
+    optimizer = {"state": {0: {"qmap": shared, "head": buffer[:6]}, 1: {"qmap": shared, "tail": buffer[4:]}},
+                 "param_groups": [{"params": [0, 1], "lr": 1.0}]}
+    state = ckpt.TrainingState(step=1, lora={}, optimizer=optimizer, scheduler={}, rng={}, losses=[], fingerprint={},
+                               ema={"0": torch.zeros(0), "1": torch.zeros(0)})
+    path = ckpt.save_checkpoint(tmp_path, state, keep=1)
+    with safe_open(str(path), framework="pt") as f:
+        assert sum(f.get_slice(k).get_shape() == [256] for k in f.keys()) == 1  # written once
+    loaded = ckpt.load_checkpoint(path).optimizer["state"]
+    assert loaded[0]["qmap"] is loaded[1]["qmap"] and torch.equal(loaded[0]["qmap"], shared)
+    assert torch.equal(loaded[0]["head"], buffer[:6]) and torch.equal(loaded[1]["tail"], buffer[4:])
