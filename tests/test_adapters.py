@@ -58,12 +58,21 @@ def test_tiny_and_nano_pick_single_blocks_7_and_20_of_flux1():
 def test_rank_and_alpha_patterns_set_per_layer_ranks_in_the_file():
     model = build_tiny_transformer(seed=0)
     lora.add_lora(model, LoraConfig(rank=8, alpha=8, rank_pattern="proj_mlp=2, attn\\.to_q=4", alpha_pattern="to_q=1"))
+    with torch.no_grad():  # lora_B starts at zero: give it values so its scale shows
+        for p in lora.lora_parameters(model):
+            p.normal_(std=0.1)
     state = lora.lora_state_dict(model)
     assert state["transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight"].shape[0] == 2
     assert state["transformer.transformer_blocks.1.attn.to_q.lora_A.weight"].shape[0] == 4
-    assert float(state["transformer.transformer_blocks.1.attn.to_q.alpha"]) == 1.0
+    # each layer's own scale (alpha 1 / rank 4 here, 8 / 8 beside it) is folded into its lora_B; alpha reads as rank
+    layers = lora.adapter_layers(model)
+    trained_b = {name: layers[f"transformer_blocks.1.attn.{name}"].lora_B[lora.ADAPTER].weight.detach()
+                 for name in ("to_q", "to_k")}
+    assert float(state["transformer.transformer_blocks.1.attn.to_q.alpha"]) == 4.0
+    assert torch.equal(state["transformer.transformer_blocks.1.attn.to_q.lora_B.weight"], trained_b["to_q"] * 0.25)
     assert state["transformer.transformer_blocks.1.attn.to_k.lora_A.weight"].shape[0] == 8
     assert float(state["transformer.transformer_blocks.1.attn.to_k.alpha"]) == 8.0
+    assert torch.equal(state["transformer.transformer_blocks.1.attn.to_k.lora_B.weight"], trained_b["to_k"])
     with pytest.raises(TrainerInputError, match="lora.rank_pattern"):
         lora.add_lora(build_tiny_transformer(seed=0), LoraConfig(rank_pattern="proj_mlp"))
 
