@@ -72,6 +72,36 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": {int(pid): values for pid, values in state.items()}, "param_groups": meta["param_groups"]}
 
 
+def _store_shared_once(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors to write, and ``{name: stored name}`` for each tensor that is another one under a second name.
+
+    safetensors refuses tensors that share memory, and bitsandbytes' 8-bit optimizers give every parameter the
+    same ``qmap1``/``qmap2`` tensors. Each distinct tensor is stored once and its other names are recorded, so
+    loading gives back one tensor under all its names, as the optimizer had it. A view that only overlaps
+    another one is stored as its own copy (same values, no sharing to restore).
+    """
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_name: dict[tuple, str] = {}
+    used_storages: set[tuple] = set()
+    for name, tensor in tensors.items():
+        if tensor.numel() == 0:  # owns no memory, so shares none
+            stored[name] = tensor
+            continue
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        view = (*storage, tensor.storage_offset(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if view in first_name:
+            aliases[name] = first_name[view]
+            continue
+        if storage in used_storages:
+            tensor = tensor.clone()
+        else:
+            used_storages.add(storage)
+        first_name[view] = name
+        stored[name] = tensor
+    return stored, aliases
+
+
 def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
     """Write ``step_NNNNNN.safetensors`` atomically into ``folder``; keep only the newest ``keep``."""
     folder = Path(folder)
@@ -81,6 +111,7 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
     tensors.update(opt_tensors)
     tensors.update({f"rng.{k}": v for k, v in state.rng.items()})
     tensors.update({f"ema.{k}": v for k, v in state.ema.items()})
+    tensors, aliases = _store_shared_once(tensors)
     meta = {
         "format": "flux-lora-trainer-checkpoint/1",
         "step": str(state.step),
@@ -88,6 +119,7 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
         "scheduler": json.dumps(state.scheduler),
         "losses": json.dumps(state.losses),
         "fingerprint": json.dumps(state.fingerprint, sort_keys=True),
+        "shared_tensors": json.dumps(aliases, sort_keys=True),
     }
     path = save_safetensors(tensors, folder / f"step_{state.step:06d}.safetensors", meta)
     for old in list_checkpoints(folder)[:-keep]:
@@ -118,6 +150,8 @@ def load_checkpoint(path: Path) -> TrainingState:
             if meta.get("format") != "flux-lora-trainer-checkpoint/1":
                 raise TrainerInputError(f"'{path}' is not a checkpoint written by this trainer.")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+            for name, stored in json.loads(meta.get("shared_tensors", "{}")).items():
+                tensors[name] = tensors[stored]
     except (SafetensorError, OSError) as exc:
         raise TrainerInputError(
             f"checkpoint '{path}' is damaged ({exc}). Delete it to resume from the previous one."
