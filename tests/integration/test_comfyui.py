@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -29,6 +30,7 @@ start_comfyui, PACK_FOLDER = comfy_server.start_comfyui, comfy_server.PACK_FOLDE
 ROOT = Path(__file__).resolve().parents[2]
 COMFYUI_DIR, COMFYUI_PYTHON = comfy_server.COMFYUI_DIR, comfy_server.COMFYUI_PYTHON
 WORKFLOW = ROOT / "workflows" / "api" / "flux_lora_train.json"
+API_WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
 SNAPSHOT = Path(__file__).parent / "comfyui_core_nodes.json"
 
 pytestmark = pytest.mark.skipif(not comfy_server.configured(), reason=comfy_server.SKIP_REASON)
@@ -49,8 +51,9 @@ def server(fx):
         yield srv
 
 
-def adapt(api: dict, fx, **train: object) -> dict:
-    """The shipped workflow on the tiny fixtures: same graph, fixture files, 64 px, one sampling step.
+def adapt(api: dict, fx, tiny_settings: bool = True, **train: object) -> dict:
+    """The shipped workflow on the tiny fixtures: same graph, fixture files, 64 px, one sampling step; with
+    ``tiny_settings`` also rank 4, a high learning rate and no checkpoints or samples (else the workflow's own).
 
     DualCLIPLoader becomes CLIPLoader(stable_diffusion) with the same node id: ComfyUI's T5-XXL is fixed at
     4.7 B parameters, so on CPU a CLIP-L provides both the hidden states and the pooled vector.
@@ -70,8 +73,9 @@ def adapt(api: dict, fx, **train: object) -> dict:
         elif kind == "FluxLoraDataset":
             inputs.update(folder=fx.dataset, resolutions="64")
         elif kind == "FluxLoraTrain":
-            inputs.update(rank=4, alpha=4.0, learning_rate=2e-3, timestep_sampling="sigmoid", checkpoint_every=0,
-                          sample_every=0)
+            if tiny_settings:
+                inputs.update(rank=4, alpha=4.0, learning_rate=2e-3, timestep_sampling="sigmoid", checkpoint_every=0,
+                              sample_every=0)
             inputs.update(train)
         elif kind in ("EmptySD3LatentImage", "EmptyLatentImage"):
             inputs.update(width=64, height=64)
@@ -94,6 +98,38 @@ def training_only(api: dict) -> dict:
 
 def _node_id(api: dict, class_type: str) -> str:
     return next(k for k, v in api.items() if v["class_type"] == class_type)
+
+
+def first_sample_save(api: dict) -> str:
+    """The SaveImage node of the workflow's first KSampler → VAEDecode → SaveImage chain."""
+    sampler = min(k for k, v in api.items() if v["class_type"] == "KSampler")
+    decode = next(k for k, v in api.items() if v["class_type"] == "VAEDecode" and v["inputs"]["samples"][0] == sampler)
+    return next(k for k, v in api.items() if v["class_type"] == "SaveImage" and v["inputs"]["images"][0] == decode)
+
+
+def sample_branch(api: dict, first: int, model: list, prefix: str, clip: list | None = None) -> str:
+    """A copy of the first KSampler → VAEDecode → SaveImage chain on ``model`` (and its prompt encoded by ``clip``,
+    else the workflow's conditioning), as nodes ``first``…; returns the SaveImage node id."""
+    save = first_sample_save(api)
+    decode = api[save]["inputs"]["images"][0]
+    sampler = api[decode]["inputs"]["samples"][0]
+    api[str(first)] = copy.deepcopy(api[sampler])
+    api[str(first)]["inputs"]["model"] = model
+    if clip is not None:  # CLIPTextEncode → FluxGuidance as the workflow's, on this CLIP
+        guidance = api[sampler]["inputs"]["positive"][0]
+        encode = api[guidance]["inputs"]["conditioning"][0]
+        api[str(first + 3)] = {"class_type": "CLIPTextEncode", "inputs": {**api[encode]["inputs"], "clip": clip}}
+        api[str(first + 4)] = {"class_type": "FluxGuidance",
+                               "inputs": {**api[guidance]["inputs"], "conditioning": [str(first + 3), 0]}}
+        api[str(first)]["inputs"]["positive"] = [str(first + 4), 0]
+    api[str(first + 1)] = {"class_type": "VAEDecode", "inputs": {**api[decode]["inputs"], "samples": [str(first), 0]}}
+    api[str(first + 2)] = {"class_type": "SaveImage", "inputs": {"images": [str(first + 1), 0],
+                                                                  "filename_prefix": prefix}}
+    return str(first + 2)
+
+
+def saved_image(server, history: dict, node_id: str) -> np.ndarray:
+    return np.asarray(Image.open(server.output_file(history, node_id)), dtype=np.int16)
 
 
 def _lora_steps(path: Path) -> int:
@@ -125,24 +161,14 @@ def test_comfyui_loads_the_pack_and_the_core_node_snapshot_is_current(server, fx
 def test_training_workflow_runs_and_its_lora_reaches_ksampler(server, fx):
     api = adapt(json.loads(WORKFLOW.read_text()), fx, steps=2, output_name="it_lora")
     # The same sampling without the LoRA, to compare with: the base MODEL into a copy of the first KSampler.
-    sampler = min(k for k, v in api.items() if v["class_type"] == "KSampler")
-    decode = next(k for k, v in api.items() if v["class_type"] == "VAEDecode" and v["inputs"]["samples"][0] == sampler)
-    save = next(k for k, v in api.items() if v["class_type"] == "SaveImage" and v["inputs"]["images"][0] == decode)
+    save = first_sample_save(api)
     unet, train = _node_id(api, "UNETLoader"), _node_id(api, "FluxLoraTrain")
 
-    def sample_branch(first: int, model: list, prefix: str) -> str:
-        api[str(first)] = copy.deepcopy(api[sampler])
-        api[str(first)]["inputs"]["model"] = model
-        api[str(first + 1)] = {"class_type": "VAEDecode", "inputs": {**api[decode]["inputs"], "samples": [str(first), 0]}}
-        api[str(first + 2)] = {"class_type": "SaveImage", "inputs": {"images": [str(first + 1), 0],
-                                                                      "filename_prefix": prefix}}
-        return str(first + 2)
-
-    base_save = sample_branch(900, [unet, 0], "base")
+    base_save = sample_branch(api, 900, [unet, 0], "base")
     # The LORA_MODEL output through ComfyUI's own LoraModelLoader must give the MODEL output's image.
     api["910"] = {"class_type": "LoraModelLoader", "inputs": {"model": [unet, 0], "lora": [train, 1],
                                                               "strength_model": 1.0}}
-    native_save = sample_branch(920, ["910", 0], "native")
+    native_save = sample_branch(api, 920, ["910", 0], "native")
 
     started = time.monotonic()
     history = server.wait(server.queue(api))
@@ -159,7 +185,7 @@ def test_training_workflow_runs_and_its_lora_reaches_ksampler(server, fx):
     assert history["outputs"][_node_id(api, "LossGraphNode")]["images"]
 
     def image(node_id: str) -> np.ndarray:
-        return np.asarray(Image.open(server.output_file(history, node_id)), dtype=np.int16)
+        return saved_image(server, history, node_id)
 
     with_lora, without = image(save), image(base_save)
     difference = np.abs(with_lora - without)
@@ -231,8 +257,105 @@ def test_shuffled_tags_are_encoded_by_comfyuis_clip_during_training(server, fx):
     assert log.count("lora key not loaded") == 0  # the clip output: LoRA applied to MODEL and CLIP together
 
 
+@pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=lambda path: path.stem)
+def test_shipped_workflow_trains_checkpoints_resumes_and_samples(server, fx, workflow):
+    """Each shipped API workflow as a user queues it, on the tiny fixtures with its own rank, optimizer and memory
+    settings (the low-VRAM one: rank 16 and adamw8bit on the 3072-wide model, where bitsandbytes keeps 8-bit
+    state): a checkpoint every step, samples inside the node and from its KSamplers, then a resume to more steps."""
+    name = f"wf_{workflow.stem}"
+    shipped = json.loads(workflow.read_text())
+    api = adapt(shipped, fx, tiny_settings=False, steps=2, checkpoint_every=1, sample_every=2, output_name=name)
+    train = _node_id(api, "FluxLoraTrain")
+    settings = shipped[train]["inputs"]
+    history = server.wait(server.queue(api))
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
+
+    lora = server.base / "output" / "loras" / f"{name}.safetensors"
+    with safe_open(str(lora), framework="pt") as f:
+        meta = f.metadata()
+    assert (meta["steps"], meta["rank"]) == ("2", str(settings["rank"]))
+    assert json.loads(meta["training_settings"])["optimizer"] == settings["optimizer"]
+    run_dir = server.base / "output" / "flux_lora_training" / "checkpoints" / name
+    checkpoint = max(run_dir.glob("step_*.safetensors"))
+    assert int(checkpoint.stem.split("_")[1]) == 2
+    if settings["optimizer"].endswith("8bit"):
+        with safe_open(str(checkpoint), framework="pt") as f:
+            state_dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if k.startswith("optimizer/")}
+        assert "U8" in state_dtypes, f"no 8-bit optimizer state in {checkpoint.name}: {sorted(state_dtypes)}"
+    saves = [k for k, v in api.items() if v["class_type"] == "SaveImage"]
+    assert saves and all(server.output_file(history, k).is_file() for k in saves)
+    assert history["outputs"][_node_id(api, "LossGraphNode")]["images"]
+    log = server.log_text()
+    assert log.count("lora key not loaded") == 0 and "NOT LOADED" not in log
+
+    resume = training_only(api)
+    resume[train]["inputs"].update(steps=3, resume=True)
+    history = server.wait(server.queue(resume))
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
+    assert re.search(rf"resumed from \S*{name}\S*step_0*2\.safetensors at step 2", server.log_text())
+    assert max(int(ckpt.stem.split("_")[1]) for ckpt in run_dir.glob("step_*.safetensors")) == 3
+    assert 3 in {_lora_steps(path) for path in lora.parent.glob(f"{name}*.safetensors")}
+
+
+def test_the_lora_file_and_its_exports_load_through_comfyuis_lora_loaders(server, fx):
+    """The LoRA file (and its kohya and comfy exports) from models/loras through LoraLoaderModelOnly and LoraLoader
+    load every key and give the image of FLUX LoRA Train's own MODEL output (alpha ≠ rank, so alpha counts)."""
+    api = adapt(json.loads(WORKFLOW.read_text()), fx, steps=2, alpha=2.0, output_name="loaders")
+    train, cache = _node_id(api, "FluxLoraTrain"), _node_id(api, "FluxLoraCache")
+    schema = server.request("/object_info/FluxLoraOptions")["FluxLoraOptions"]["input"]["required"]
+    options = {name: (spec[1] or {}).get("default", spec[0][0] if isinstance(spec[0], list) else None)
+               for name, spec in schema.items()}
+    options.update(export_kohya=True, export_comfy=True)
+    api["960"] = {"class_type": "FluxLoraOptions", "inputs": options}
+    api[train]["inputs"]["options"] = ["960", 0]
+    history = server.wait(server.queue(training_only(api)))
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
+    loras = server.base / "models" / "loras"
+    files = {fmt: f"loaders{suffix}.safetensors" for fmt, suffix in
+             (("default", ""), ("kohya", "_kohya"), ("comfy", "_comfy"))}
+    for file in files.values():
+        (loras / file).write_bytes((server.base / "output" / "loras" / file).read_bytes())
+
+    unet, clip = _node_id(api, "UNETLoader"), api[cache]["inputs"]["clip"]
+    api["970"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": [unet, 0], "lora_name": files["default"],
+                                                                   "strength_model": 1.0}}
+    saves = {"model only": sample_branch(api, 971, ["970", 0], "model_only")}
+    for i, (fmt, file) in enumerate(files.items()):
+        loader = str(980 + 10 * i)
+        api[loader] = {"class_type": "LoraLoader", "inputs": {"model": [unet, 0], "clip": clip, "lora_name": file,
+                                                              "strength_model": 1.0, "strength_clip": 1.0}}
+        saves[f"LoraLoader {fmt}"] = sample_branch(api, int(loader) + 1, [loader, 0], f"loader_{fmt}", [loader, 1])
+    before = server.log_text().count("lora key not loaded")
+    history = server.wait(server.queue(api))  # FLUX LoRA Train's inputs are unchanged: ComfyUI reuses its output
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
+    assert server.log_text().count("lora key not loaded") == before == 0
+    trained = saved_image(server, history, first_sample_save(api))
+    for route, save in saves.items():
+        assert np.array_equal(saved_image(server, history, save), trained), route
+
+
+def test_optimizer_checkpoints_resume_exactly_under_comfyuis_torch():
+    """tests/test_optimizer_resume.py (every optimizer family, 8-bit sizes) run by ComfyUI's own Python and torch,
+    which differ from the CPU suite's."""
+    result = subprocess.run(
+        [COMFYUI_PYTHON, "-m", "pytest", "tests/test_optimizer_resume.py", "-q", "-rA", "-p", "no:cacheprovider"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, capture_output=True,
+        text=True, timeout=1200, check=False)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    print(f"test_optimizer_resume.py under ComfyUI's Python: {summary}")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert re.search(r"\d+ passed", summary) and not re.search(r"skipped|failed|error", summary), summary
+
+
+def _pip_check(python: str) -> set[str]:
+    result = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True, timeout=120,
+                            check=False)
+    return {line.strip() for line in result.stdout.splitlines() if line.strip() and "No broken" not in line}
+
+
 def test_installing_the_requirements_changes_nothing_comfyui_needs(tmp_path):
-    """pip would install nothing that ComfyUI's requirements name, and the environment stays consistent."""
+    """pip would install nothing that ComfyUI's requirements name, and the pack adds no pip check problem to those
+    the environment had before it (ComfyUI 0.33.0's torchaudio pins another torch; .ci/comfyui_env saves them)."""
     report = tmp_path / "report.json"
     result = subprocess.run(
         [COMFYUI_PYTHON, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
@@ -245,6 +368,9 @@ def test_installing_the_requirements_changes_nothing_comfyui_needs(tmp_path):
             comfy_names.add(name)
     changed = {item["metadata"]["name"].lower().replace("_", "-") for item in json.loads(report.read_text())["install"]}
     assert not changed & comfy_names, f"would change ComfyUI's packages: {sorted(changed & comfy_names)}"
-    check = subprocess.run([COMFYUI_PYTHON, "-m", "pip", "check"], capture_output=True, text=True, timeout=120,
-                           check=False)
-    assert check.returncode == 0, check.stdout + check.stderr
+    baseline = Path(COMFYUI_PYTHON).parents[1] / "pip-check-before.txt"  # <venv>/bin/python → <venv>/
+    before = ({line.strip() for line in baseline.read_text().splitlines() if line.strip() and "No broken" not in line}
+              if baseline.is_file() else set())
+    new = _pip_check(COMFYUI_PYTHON) - before
+    assert not new, (f"pip check problems the pack's requirements added (baseline: "
+                     f"{baseline if baseline.is_file() else 'none, so pip check must be clean'}): {sorted(new)}")
