@@ -338,7 +338,10 @@ def test_optimizer_checkpoints_resume_exactly_under_comfyuis_torch():
     """tests/test_optimizer_resume.py (every optimizer family, 8-bit sizes) run by ComfyUI's own Python and torch,
     which differ from the CPU suite's."""
     result = subprocess.run(
-        [COMFYUI_PYTHON, "-m", "pytest", "tests/test_optimizer_resume.py", "-q", "-rA", "-p", "no:cacheprovider"],
+        # --import-mode=append: the checkout is a package, so pytest puts its parent folder on sys.path; behind
+        # site-packages, a sibling folder cannot shadow a library (a checkout named h11 beside this one did).
+        [COMFYUI_PYTHON, "-m", "pytest", "tests/test_optimizer_resume.py", "-q", "-rA", "-p", "no:cacheprovider",
+         "--import-mode=append"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, capture_output=True,
         text=True, timeout=1200, check=False)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
