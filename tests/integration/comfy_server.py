@@ -84,7 +84,7 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def start_comfyui(base: Path, comfyui_dir: str | Path = "", python: str | Path = "",
-                  ready_timeout: float = 120) -> Iterator[Server]:
+                  ready_timeout: float = 300) -> Iterator[Server]:
     """Run ComfyUI's main.py --cpu on ``base`` with this pack linked in as custom_nodes/flux_lora_trainer; yield a
     Server once it answers HTTP; stop it on exit. ComfyUI's output goes to ``base/comfyui.log``."""
     comfyui_dir, python = str(comfyui_dir or COMFYUI_DIR), str(python or COMFYUI_PYTHON)
