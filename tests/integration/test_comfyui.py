@@ -340,7 +340,7 @@ def test_the_lora_file_and_its_exports_load_through_comfyuis_lora_loaders(server
     options = node_inputs(server, "FluxLoraOptions", export_kohya=True, export_comfy=True)
     api["960"] = {"class_type": "FluxLoraOptions", "inputs": options}
     api[train]["inputs"]["options"] = ["960", 0]
-    history = server.wait(server.queue(training_only(api)))
+    history = server.wait(server.queue(training_only(api)), timeout=1800)
     assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
     loras = server.base / "models" / "loras"
     files = {fmt: f"loaders{suffix}.safetensors" for fmt, suffix in
@@ -358,10 +358,13 @@ def test_the_lora_file_and_its_exports_load_through_comfyuis_lora_loaders(server
             server, "LoraLoader", model=[unet, 0], clip=clip, lora_name=file, strength_model=1.0, strength_clip=1.0)}
         saves[f"LoraLoader {fmt}"] = sample_branch(api, int(loader) + 1, [loader, 0], f"loader_{fmt}", [loader, 1])
     before = server.log_text().count("lora key not loaded")
-    history = server.wait(server.queue(api))  # FLUX LoRA Train's inputs are unchanged: ComfyUI reuses its output
+    # FLUX LoRA Train's inputs are unchanged, so ComfyUI reuses its output; the base model's image shows the LoRA acts.
+    base_save = sample_branch(api, 1020, [unet, 0], "loader_base")
+    history = server.wait(server.queue(api), timeout=1800)
     assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
     assert server.log_text().count("lora key not loaded") == before == 0
     trained = saved_image(server, history, first_sample_save(api))
+    assert not np.array_equal(saved_image(server, history, base_save), trained)
     for route, save in saves.items():
         assert np.array_equal(saved_image(server, history, save), trained), route
 
