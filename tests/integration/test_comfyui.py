@@ -381,7 +381,7 @@ def test_optimizer_checkpoints_resume_exactly_under_comfyuis_torch():
         [COMFYUI_PYTHON, "-m", "pytest", "tests/test_optimizer_resume.py", "-q", "-rA", "-p", "no:cacheprovider",
          "--import-mode=append"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, capture_output=True,
-        text=True, timeout=1200, check=False)
+        text=True, timeout=1800, check=False)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     print(f"test_optimizer_resume.py under ComfyUI's Python: {summary}")
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
