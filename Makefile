@@ -24,7 +24,7 @@ test: $(VENV)/.installed
 COMFYUI_DIR ?=
 COMFYUI_PYTHON ?= $(COMFYUI_DIR)/venv/bin/python
 test-comfyui: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 COMFYUI_DIR="$(COMFYUI_DIR)" COMFYUI_PYTHON="$(COMFYUI_PYTHON)" $(PY) -m pytest tests/integration -ra -s
+	HF_HUB_OFFLINE=1 COMFYUI_DIR="$(COMFYUI_DIR)" COMFYUI_PYTHON="$(COMFYUI_PYTHON)" $(PY) -m pytest tests/integration -rA -s
 
 bench: $(VENV)/.installed
 	$(PY) -m bench

@@ -1,7 +1,7 @@
 """Adapters between ComfyUI's objects and trainer_core.
 
 ComfyUI's VAE / CLIP become trainer_core's ``ImageEncoder`` / ``TextEncoder``; a MODEL (ModelPatcher) becomes a
-BFL state dict for ``load_flux_transformer``; a trained LoRA becomes a MODEL through ComfyUI's own LoRA patching;
+diffusers-named state dict for ``load_flux_transformer``; a trained LoRA becomes a MODEL through ComfyUI's own LoRA patching;
 progress, previews and the Cancel button are wired into the trainer's callbacks.
 
 ComfyUI modules are imported inside the functions that need them, so this file (and every node file) imports
@@ -14,6 +14,7 @@ import gc
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from functools import cached_property
@@ -232,15 +233,57 @@ def flux_variant(model) -> str:
 
 
 def flux_state_dict(model, dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """The MODEL's FLUX.1 transformer weights in BFL key names, LoRAs already applied to it merged in.
+    """The MODEL's FLUX.1 transformer weights in diffusers key names, LoRAs already applied to it merged in.
 
+    ComfyUI's module names are its own and change between releases (0.33.0 made the q/k norms' ``scale`` a
+    ``weight``), so they are renamed with ComfyUI's own diffusers key map, ``comfy.utils.flux_to_diffusers``: the
+    table that release loads diffusers FLUX files and diffusers LoRAs with, kept in step with its modules.
     ComfyUI's tensors were made under inference mode and would fail in autograd, so every tensor is copied,
     outside inference mode, to ``dtype`` on ``device``.
     """
     flux_variant(model)
-    out = _patched_weights(model, "diffusion_model.", dtype, device)
-    if not out:
+    weights = _patched_weights(model, "diffusion_model.", dtype, device)
+    if not weights:
         raise TrainerInputError("model: the MODEL has no diffusion model weights; connect Load Diffusion Model.")
+    import comfy.utils
+
+    return diffusers_layout(weights, comfy.utils.flux_to_diffusers(model.model.model_config.unet_config))
+
+
+# Scales and settings ComfyUI's quantized layers keep beside a weight; _plain has already applied them.
+_QUANT_STATE = re.compile(r"\.(comfy_quant|weight_scale|weight_scale_2|input_scale|scale_weight|scale_input)$")
+
+
+def diffusers_layout(weights: dict[str, torch.Tensor], key_map: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``weights`` (ComfyUI's FLUX module names) renamed by ``key_map`` ({diffusers name: module name, or
+    (module name, (dim, start, length)) for a part of a fused tensor, or (module name, None, function)}).
+
+    The map also lists aliases a LoRA loader accepts (LyCoris names, FLUX.2's fused projections): a tensor FLUX.1
+    reads in parts, or already read under an earlier name, is not taken again whole.
+    """
+    read_in_parts = {target[0] for target in key_map.values() if not isinstance(target, str) and target[1] is not None}
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for name, target in key_map.items():
+        source, rows, *convert = (target, None) if isinstance(target, str) else target
+        if source not in weights:
+            continue
+        if rows is None:
+            if source in read_in_parts or source in used:
+                continue
+            value = weights[source]
+        else:
+            dim, start, length = rows
+            value = weights[source].narrow(dim, start, length)
+        out[name] = convert[0](value) if convert else value
+        used.add(source)
+    unmapped = sorted(k for k in set(weights) - used if not _QUANT_STATE.search(k))
+    if unmapped:
+        raise TrainerInputError(
+            f"model: this ComfyUI's FLUX key map (comfy.utils.flux_to_diffusers) names no diffusers weight for "
+            f"{len(unmapped)} of the MODEL's weights, e.g. {', '.join(unmapped[:3])}: this ComfyUI release lays "
+            f"FLUX.1 out in a way the pack does not know yet. Use a ComfyUI release the pack lists as tested, or "
+            f"report the ComfyUI version to the pack.")
     return out
 
 

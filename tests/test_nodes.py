@@ -354,9 +354,9 @@ def test_fingerprint_samples_large_tensors(pack):
 class FakeModelPatcher:
     """The parts of comfy.model_patcher.ModelPatcher the bridge reads."""
 
-    def __init__(self, bfl_sd, image_model="flux", guidance=True):
+    def __init__(self, module_sd, image_model="flux", guidance=True):
         with torch.inference_mode():  # as ComfyUI's loaders run
-            self.sd = {f"diffusion_model.{k}": v.clone() for k, v in bfl_sd.items()}
+            self.sd = {f"diffusion_model.{k}": v.clone() for k, v in module_sd.items()}
         self.patches = {}
         self.model = SimpleNamespace(
             diffusion_model=object(),
@@ -368,22 +368,46 @@ class FakeModelPatcher:
 
 
 @pytest.fixture(scope="module")
-def tiny_bfl():
-    flux = importlib.import_module(f"{PACK}.trainer_core.models.flux")
+def tiny_diffusers():
     tiny = importlib.import_module(f"{PACK}.trainer_core.models.tiny")
-    return flux.diffusers_to_bfl(tiny.build_tiny_transformer(seed=0).state_dict())
+    return tiny.build_tiny_transformer(seed=0).state_dict()
 
 
-def test_model_weights_become_a_trainable_transformer(pack, tiny_bfl):
+@pytest.fixture
+def comfy_key_map(monkeypatch, tiny_diffusers):
+    """A stand-in for ComfyUI's comfy.utils.flux_to_diffusers over the tiny model, laid out as ComfyUI 0.33.0 lays
+    out FLUX.1 (q/k norms hold `weight`, where the BFL file has `scale`), with one FLUX.2 alias of a fused tensor
+    as the real map has. Returns the MODEL's weights under those module names."""
     flux = importlib.import_module(f"{PACK}.trainer_core.models.flux")
-    model = FakeModelPatcher(tiny_bfl)
+    bfl = flux.diffusers_to_bfl(tiny_diffusers)
+    key_map = {}
+    for name in tiny_diffusers:
+        module = name.rsplit(".", 1)[0]
+        if module == "norm_out.linear":
+            key_map[name] = (f"final_layer.adaLN_modulation.1.{name.rsplit('.', 1)[1]}", None,
+                             lambda w: torch.cat(w.chunk(2)[::-1]))
+            continue
+        target, rows = flux.diffusers_module_to_bfl(module, tiny_diffusers["x_embedder.weight"].shape[0])
+        target = f"{target}.{name.rsplit('.', 1)[1]}"
+        key_map[name] = target if rows is None else (target, (0, rows.start, rows.stop - rows.start))
+    key_map["single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight"] = "single_blocks.0.linear1.weight"
+    utils = SimpleNamespace(flux_to_diffusers=lambda unet_config, output_prefix="": dict(key_map))
+    monkeypatch.setitem(sys.modules, "comfy", SimpleNamespace(utils=utils))
+    monkeypatch.setitem(sys.modules, "comfy.utils", utils)
+    return {k[:-len("scale")] + "weight" if k.endswith("_norm.scale") else k: v for k, v in bfl.items()}
+
+
+def test_model_weights_become_a_trainable_transformer(pack, tiny_diffusers, comfy_key_map):
+    flux = importlib.import_module(f"{PACK}.trainer_core.models.flux")
+    model = FakeModelPatcher(comfy_key_map)
     weight = model.sd["diffusion_model.img_in.weight"]
     x = torch.randn(3, weight.shape[1], requires_grad=True)
     with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
         torch.nn.functional.linear(x, weight).sum().backward()  # why the bridge copies
 
     sd = pack.bridge.flux_state_dict(model, torch.float32)
-    assert set(sd) == set(tiny_bfl) and not any(t.is_inference() for t in sd.values())
+    assert set(sd) == set(tiny_diffusers) and not any(t.is_inference() for t in sd.values())
+    assert all(torch.equal(sd[k], tiny_diffusers[k]) for k in tiny_diffusers)
     transformer = flux.load_flux_transformer(sd, dtype=torch.float32)
     for p in transformer.parameters():
         p.requires_grad_(True)
@@ -394,6 +418,13 @@ def test_model_weights_become_a_trainable_transformer(pack, tiny_bfl):
     assert transformer.x_embedder.weight.grad is not None
     assert pack.bridge.flux_variant(model) == "dev"
     assert pack.bridge.flux_variant(FakeModelPatcher({}, guidance=False)) == "schnell"
+
+
+def test_a_model_weight_comfyuis_key_map_does_not_name_is_reported(pack, comfy_key_map):
+    """A ComfyUI release whose module layout its own key map does not cover: said so, not "file damaged"."""
+    comfy_key_map["double_blocks.0.img_attn.norm.query_norm.gamma"] = torch.ones(4)
+    with pytest.raises(pack.errors.TrainerInputError, match="model: .*flux_to_diffusers.*query_norm.gamma"):
+        pack.bridge.flux_state_dict(FakeModelPatcher(comfy_key_map), torch.float32)
 
 
 def test_non_flux_model_is_refused(pack):
