@@ -10,16 +10,10 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,107 +21,32 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).parent))
-build_fixtures = importlib.import_module("fixtures").build_fixtures  # beside this file; tests/ is no package
+sys.path.insert(0, str(Path(__file__).parent))  # fixtures.py and comfy_server.py; tests/ is no package
+build_fixtures = importlib.import_module("fixtures").build_fixtures
+comfy_server = importlib.import_module("comfy_server")
+start_comfyui, PACK_FOLDER = comfy_server.start_comfyui, comfy_server.PACK_FOLDER
 
 ROOT = Path(__file__).resolve().parents[2]
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", "")
-PACK_FOLDER = "flux_lora_trainer"  # the pack's folder name inside custom_nodes/
+COMFYUI_DIR, COMFYUI_PYTHON = comfy_server.COMFYUI_DIR, comfy_server.COMFYUI_PYTHON
 WORKFLOW = ROOT / "workflows" / "api" / "flux_lora_train.json"
 SNAPSHOT = Path(__file__).parent / "comfyui_core_nodes.json"
 
-pytestmark = pytest.mark.skipif(
-    not (COMFYUI_DIR and COMFYUI_PYTHON),
-    reason="real-ComfyUI tests: set COMFYUI_DIR (a ComfyUI checkout) and COMFYUI_PYTHON (its Python) to run them",
-)
-
-
-@dataclass
-class Server:
-    url: str
-    base: Path
-    log: Path
-    fixtures: object  # fixtures.Fixtures
-
-    def request(self, path: str, body: dict | None = None):
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as response:
-                text = response.read().decode()
-        except urllib.error.HTTPError as exc:
-            pytest.fail(f"{path}: HTTP {exc.code}: {exc.read().decode()[:2000]}")
-        return json.loads(text) if text else None
-
-    def queue(self, prompt: dict) -> str:
-        return self.request("/prompt", {"prompt": prompt})["prompt_id"]
-
-    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            entry = self.request(f"/history/{prompt_id}").get(prompt_id)
-            if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
-                return entry
-            time.sleep(0.5)
-        pytest.fail(f"prompt {prompt_id} did not finish in {timeout} s; log tail:\n{self.log_tail()}")
-
-    def log_text(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def output_file(self, history: dict, node_id: str) -> Path:
-        image = history["outputs"][node_id]["images"][0]
-        return self.base / image["type"] / image["subfolder"] / image["filename"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+pytestmark = pytest.mark.skipif(not comfy_server.configured(), reason=comfy_server.SKIP_REASON)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfyui")
+def fx(tmp_path_factory):
+    """The tiny model files and dataset, in the folder the server below uses as its base directory."""
     started = time.monotonic()
-    fixtures = build_fixtures(base)
+    fixtures = build_fixtures(tmp_path_factory.mktemp("comfyui"))
     print(f"\nfixtures built in {time.monotonic() - started:.1f} s")
-    (base / "custom_nodes" / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
-    port = _free_port()
-    log = base / "comfyui.log"
-    command = [
-        COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-        "--log-stdout", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-        "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_FOLDER,
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=COMFYUI_DIR, stdout=out, stderr=subprocess.STDOUT, env=env)
-    srv = Server(f"http://127.0.0.1:{port}", base, log, fixtures)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {process.returncode}:\n{srv.log_tail()}")
-            try:
-                urllib.request.urlopen(srv.url + "/system_stats", timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"ComfyUI did not answer within 120 s:\n{srv.log_tail()}")
-                time.sleep(0.5)
-        print(f"ComfyUI ready after {time.monotonic() - started:.1f} s")
+    return fixtures
+
+
+@pytest.fixture(scope="module")
+def server(fx):
+    with start_comfyui(fx.base) as srv:
         yield srv
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def adapt(api: dict, fx, **train: object) -> dict:
@@ -182,7 +101,7 @@ def _lora_steps(path: Path) -> int:
         return int(f.metadata()["steps"])
 
 
-def test_comfyui_loads_the_pack_and_the_core_node_snapshot_is_current(server):
+def test_comfyui_loads_the_pack_and_the_core_node_snapshot_is_current(server, fx):
     log = server.log_text()
     assert "IMPORT FAILED" not in log, server.log_tail()
     assert re.search(rf"seconds: .*{PACK_FOLDER}", log), "the pack is not in ComfyUI's import list"
@@ -203,8 +122,7 @@ def test_comfyui_loads_the_pack_and_the_core_node_snapshot_is_current(server):
                 assert live_options == (options or [{}])[0], (name, input_name)
 
 
-def test_training_workflow_runs_and_its_lora_reaches_ksampler(server):
-    fx = server.fixtures
+def test_training_workflow_runs_and_its_lora_reaches_ksampler(server, fx):
     api = adapt(json.loads(WORKFLOW.read_text()), fx, steps=2, output_name="it_lora")
     # The same sampling without the LoRA, to compare with: the base MODEL into a copy of the first KSampler.
     sampler = min(k for k, v in api.items() if v["class_type"] == "KSampler")
@@ -263,8 +181,7 @@ def test_training_workflow_runs_and_its_lora_reaches_ksampler(server):
     assert len(cache_lines) == 2 and "9 files reused, 0 encoded" in cache_lines[-1], cache_lines
 
 
-def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(server):
-    fx = server.fixtures
+def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(server, fx):
     steps = 5
     api = training_only(adapt(json.loads(WORKFLOW.read_text()), fx, steps=steps, output_name="resumed",
                               resume=True))
@@ -292,10 +209,10 @@ def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(server):
     assert rows[-1]["step"] == steps
 
 
-def test_shuffled_tags_are_encoded_by_comfyuis_clip_during_training(server):
+def test_shuffled_tags_are_encoded_by_comfyuis_clip_during_training(server, fx):
     """FLUX LoRA Options' shuffle_tags with FLUX LoRA Train's clip input: captions go through ComfyUI's own CLIP
     every step (its outputs are inference tensors made inside a node), and the run finishes."""
-    api = training_only(adapt(json.loads(WORKFLOW.read_text()), server.fixtures, steps=3, output_name="shuffled"))
+    api = training_only(adapt(json.loads(WORKFLOW.read_text()), fx, steps=3, output_name="shuffled"))
     train, cache = _node_id(api, "FluxLoraTrain"), _node_id(api, "FluxLoraCache")
     schema = server.request("/object_info/FluxLoraOptions")["FluxLoraOptions"]["input"]["required"]
     options = {name: (spec[1] or {}).get("default", spec[0][0] if isinstance(spec[0], list) else None)
