@@ -61,12 +61,16 @@ LOAD_AND_MEASURE = """async ([workflow, noteTypes]) => {
             for (const fy of [0.02, 0.25, 0.5, 0.75, 0.98]) {
                 const [cx, cy] = app.canvas.ds.convertOffsetToCanvas([x + fx * w, y + fy * h]);
                 const px = origin.left + cx, py = origin.top + cy;
-                const stack = document.elementsFromPoint(px, py);
-                const above = stack.indexOf(canvas) < 0 ? ['(outside the view)']
-                    : stack.slice(0, stack.indexOf(canvas))
-                        .filter((el) => !own.some((mine) => mine.contains(el) || el.contains(mine)))
-                        .map((el) => `${el.tagName.toLowerCase()}.${String(el.className).split(' ')[0]}`);
-                if (above.length) covered.push(`(${Math.round(px)}, ${Math.round(py)}) px under ${above[0]}`);
+                const stack = document.elementsFromPoint(px, py), at = `(${Math.round(px)}, ${Math.round(py)}) px`;
+                if (!stack.includes(canvas)) {
+                    covered.push(`${at} is outside the view`);
+                    continue;
+                }
+                const above = stack.slice(0, stack.indexOf(canvas))
+                    .filter((el) => !own.some((mine) => mine.contains(el) || el.contains(mine)));
+                if (above.length) {
+                    covered.push(`${at} is under ${above[0].tagName.toLowerCase()}.${String(above[0].className).split(' ')[0]}`);
+                }
             }
         }
         if (covered.length) hidden[`${node.id} (${node.title})`] = covered;
@@ -101,7 +105,7 @@ def frontend(server):
         page.on("console", lambda message: message.type in ("error", "warning")
                 and errors.append(f"console {message.type}: {message.text}"))
         page.goto(server.url)
-        page.wait_for_function("() => window.app?.canvas && window.app.graph"
+        page.wait_for_function("() => window.app?.canvas?.graph"
                                " && Object.keys(window.LiteGraph.registered_node_types).length",
                                timeout=120_000)
         page.wait_for_load_state("networkidle")
@@ -121,8 +125,10 @@ def test_workflow_opens_in_the_frontend_without_overlaps(frontend, server, path)
     screenshot.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(screenshot))
     nodes = result["nodes"]
-    assert sorted(node["id"] for node in nodes) == sorted(node["id"] for node in workflow["nodes"]), (
+    assert sorted(str(node["id"]) for node in nodes) == sorted(str(node["id"]) for node in workflow["nodes"]), (
         f"{path.name}: the frontend did not load every node; errors: {errors}")
+    unmeasured = [node for node in nodes if not (node["bounds"][2] > 0 and node["bounds"][3] > 0)]
+    assert not unmeasured, f"{path.name}: the frontend has not sized these nodes: {unmeasured}"
 
     overlaps = []
     for a, b in combinations(nodes, 2):
