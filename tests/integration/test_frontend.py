@@ -69,7 +69,8 @@ LOAD_AND_MEASURE = """async ([workflow, noteTypes]) => {
                 const above = stack.slice(0, stack.indexOf(canvas))
                     .filter((el) => !own.some((mine) => mine.contains(el) || el.contains(mine)));
                 if (above.length) {
-                    covered.push(`${at} is under ${above[0].tagName.toLowerCase()}.${String(above[0].className).split(' ')[0]}`);
+                    const [el] = above;
+                    covered.push(`${at} is under ${el.tagName.toLowerCase()}.${String(el.className).split(' ')[0]}`);
                 }
             }
         }
@@ -101,9 +102,13 @@ def frontend(server):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport=VIEWPORT)
         errors: list[str] = []
+
+        def on_console(message):
+            if message.type in ("error", "warning"):
+                errors.append(f"console {message.type}: {message.text}")
+
         page.on("pageerror", lambda error: errors.append(f"page error: {error}"))
-        page.on("console", lambda message: message.type in ("error", "warning")
-                and errors.append(f"console {message.type}: {message.text}"))
+        page.on("console", on_console)
         page.goto(server.url)
         page.wait_for_function("() => window.app?.canvas?.graph"
                                " && Object.keys(window.LiteGraph.registered_node_types).length",
