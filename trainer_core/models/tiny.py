@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import string
+from pathlib import Path
 
 import torch
 
@@ -247,3 +248,37 @@ def build_tiny_text_encoder(seed: int = 0) -> FluxTextEncoder:
         clip = CLIPTextModel(clip_config).eval()
         t5 = T5EncoderModel(t5_config).eval()
     return FluxTextEncoder(clip, clip_tokenizer, t5, t5_tokenizer, TINY_T5_MAX_LENGTH)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tiny models as files, in the formats `train --config` reads (for trying the headless path without FLUX.1)
+
+TINY_MODEL_FILES = {
+    "transformer": "flux1-tiny.safetensors",  # BFL keys, as flux1-dev.safetensors
+    "transformer_diffusers": "flux1-tiny-diffusers",  # the same weights as a diffusers folder
+    "vae": "vae",  # diffusers AutoencoderKL folder
+    "clip_l": "clip_l",  # transformers folders
+    "t5": "t5",
+    "tokenizers": "tokenizers",  # clip/ and t5/
+}
+
+
+def write_tiny_models(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """Write the tiny transformer (BFL file and diffusers folder), VAE, CLIP-L, T5 and tokenizers into ``folder``
+    under the names of :data:`TINY_MODEL_FILES`; returns those paths. The libraries' own writers produce the folders,
+    so they load exactly as downloaded models do."""
+    from ..fileio import save_safetensors
+    from .flux import diffusers_to_bfl
+
+    folder = Path(folder)
+    paths = {key: folder / name for key, name in TINY_MODEL_FILES.items()}
+    transformer = build_tiny_transformer(seed=seed)
+    save_safetensors(diffusers_to_bfl(transformer.state_dict()), paths["transformer"])
+    transformer.save_pretrained(paths["transformer_diffusers"])
+    build_tiny_vae(seed=seed).vae.save_pretrained(paths["vae"])
+    text = build_tiny_text_encoder(seed=seed)
+    text.clip_model.save_pretrained(paths["clip_l"])
+    text.t5_model.save_pretrained(paths["t5"])
+    text.clip_tokenizer.save_pretrained(paths["tokenizers"] / "clip")
+    text.t5_tokenizer.save_pretrained(paths["tokenizers"] / "t5")
+    return paths
