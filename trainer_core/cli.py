@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train a LoRA on a tiny built-in model and bundled images (CPU, ~1 min)")
+    demo = sub.add_parser("demo", help="train a LoRA on a tiny built-in model and bundled images (CPU, under a minute)")
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps (default: {DEMO_STEPS})")
     demo.add_argument("--lr", type=float, default=DEMO_LEARNING_RATE,
