@@ -190,7 +190,8 @@ def config_toml(run: RunConfig) -> str:
     default = RunConfig()
     lines = []
     for section in dataclasses.fields(run):
-        values, defaults = dataclasses.asdict(getattr(run, section.name)), dataclasses.asdict(getattr(default, section.name))
+        values = dataclasses.asdict(getattr(run, section.name))
+        defaults = dataclasses.asdict(getattr(default, section.name))
         changed = {k: v for k, v in values.items() if v != defaults[k]}
         if changed:
             # JSON's strings, numbers, booleans and lists of them are valid TOML values
