@@ -24,8 +24,8 @@ log = logging.getLogger("trainer_core")
 SAMPLES_DIR = Path(__file__).parent / "data" / "samples"
 # The demo's defaults: enough for the LoRA row of samples.png to become the training images (tests/test_demo.py)
 DEMO_RESOLUTION = 128
-DEMO_STEPS = 300
-DEMO_LEARNING_RATE = 1e-3
+DEMO_STEPS = 900
+DEMO_LEARNING_RATE = 2e-3
 
 
 class TqdmCallbacks:
@@ -161,7 +161,7 @@ def demo_run_config(resolution: int, steps: int, learning_rate: float, seed: int
         dataset=DatasetConfig(folder=str(SAMPLES_DIR), resolutions=[resolution], repeats=1),
         lora=LoraConfig(rank=16, alpha=16.0),
         train=TrainConfig(steps=steps, learning_rate=learning_rate, compute_dtype="fp32", checkpoint_every=100,
-                          timestep_sampling="sigmoid", seed=seed),
+                          timestep_sampling="shift", seed=seed),
         sample=SampleConfig(steps=20, guidance=1.0, width=resolution, height=resolution),
     )
     run.output.name = "demo_lora"
@@ -169,7 +169,7 @@ def demo_run_config(resolution: int, steps: int, learning_rate: float, seed: int
 
 
 def cmd_demo(args) -> int:
-    from .models.tiny import build_tiny_text_encoder, build_tiny_transformer, build_tiny_vae
+    from .models.tiny import build_tiny_flow_transformer, build_tiny_text_encoder, build_tiny_vae
 
     out = Path(args.out)
     # The tiny model's matrices are too small to split across threads: more threads only add synchronisation (on a
@@ -180,7 +180,7 @@ def cmd_demo(args) -> int:
     run.output.overwrite = True
     print(f"demo: tiny FLUX-architecture model, {len(list(SAMPLES_DIR.glob('*.png')))} bundled images, "
           f"{args.steps} steps on {args.device} → {out}")
-    return run_training(lambda: build_tiny_transformer(seed=args.seed), build_tiny_vae(seed=args.seed),
+    return run_training(lambda: build_tiny_flow_transformer(seed=args.seed), build_tiny_vae(seed=args.seed),
                         build_tiny_text_encoder(seed=args.seed), run, out, torch.device(args.device),
                         "tiny-flux (demo)", metrics_path=out / "metrics.jsonl")
 
