@@ -22,7 +22,7 @@ from .memory import time_estimate
 log = logging.getLogger("trainer_core")
 
 SAMPLES_DIR = Path(__file__).parent / "data" / "samples"
-# The demo's defaults: enough for the LoRA row of samples.png to become the training images (tests/test_demo.py)
+# The demo's defaults: the LoRA row of samples.png turns into the training images (tests/test_demo.py)
 DEMO_RESOLUTION = 128
 DEMO_STEPS = 900
 DEMO_LEARNING_RATE = 2e-3
