@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -10,14 +12,20 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .config import OPTIMIZERS, DatasetConfig, LoraConfig, RunConfig, SampleConfig, TrainConfig, load_run_config
+from .config import (OPTIMIZERS, DatasetConfig, LoraConfig, ModelPaths, RunConfig, SampleConfig, TrainConfig,
+                     load_run_config)
 from .errors import TrainerInputError, TrainingStopped
 from .memory import time_estimate
 
 log = logging.getLogger("trainer_core")
 
 SAMPLES_DIR = Path(__file__).parent / "data" / "samples"
+# The demo's defaults: the LoRA row of samples.png turns into the training images (tests/test_demo.py)
+DEMO_RESOLUTION = 128
+DEMO_STEPS = 900
+DEMO_LEARNING_RATE = 2e-3
 
 
 class TqdmCallbacks:
@@ -44,7 +52,7 @@ class TqdmCallbacks:
         pass
 
     def on_checkpoint(self, path) -> None:
-        self.bar.write(f"checkpoint: {path}")
+        pass  # the library logs each checkpoint once, above the bar (logging_redirect_tqdm in run_training)
 
     def should_stop(self) -> bool:
         return False
@@ -147,25 +155,75 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
     return 0
 
 
-def cmd_demo(args) -> int:
-    from .models.tiny import build_tiny_text_encoder, build_tiny_transformer, build_tiny_vae
-
-    out = Path(args.out)
-    torch.manual_seed(0)
+def demo_run_config(resolution: int, steps: int, learning_rate: float, seed: int) -> RunConfig:
+    """The demo's recipe on the bundled images; ``tiny-models`` writes the same one into its config file."""
     run = RunConfig(
-        dataset=DatasetConfig(folder=str(SAMPLES_DIR), resolutions=[args.resolution], repeats=1),
+        dataset=DatasetConfig(folder=str(SAMPLES_DIR), resolutions=[resolution], repeats=1),
         lora=LoraConfig(rank=16, alpha=16.0),
-        train=TrainConfig(steps=args.steps, learning_rate=args.lr, compute_dtype="fp32", checkpoint_every=100,
-                          timestep_sampling="sigmoid", seed=args.seed),
-        sample=SampleConfig(steps=20, guidance=1.0, width=args.resolution, height=args.resolution),
+        train=TrainConfig(steps=steps, learning_rate=learning_rate, compute_dtype="fp32", checkpoint_every=100,
+                          timestep_sampling="shift", seed=seed),
+        sample=SampleConfig(steps=20, guidance=1.0, width=resolution, height=resolution),
     )
     run.output.name = "demo_lora"
+    return run
+
+
+def cmd_demo(args) -> int:
+    from .models.tiny import build_tiny_flow_transformer, build_tiny_text_encoder, build_tiny_vae
+
+    out = Path(args.out)
+    # The tiny model's matrices are too small to split across threads: more threads only add synchronisation (on a
+    # busy 2-core machine a step took 25× longer with two threads than with one).
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    run = demo_run_config(args.resolution, args.steps, args.lr, args.seed)
     run.output.overwrite = True
     print(f"demo: tiny FLUX-architecture model, {len(list(SAMPLES_DIR.glob('*.png')))} bundled images, "
           f"{args.steps} steps on {args.device} → {out}")
-    return run_training(lambda: build_tiny_transformer(seed=args.seed), build_tiny_vae(seed=args.seed),
+    return run_training(lambda: build_tiny_flow_transformer(seed=args.seed), build_tiny_vae(seed=args.seed),
                         build_tiny_text_encoder(seed=args.seed), run, out, torch.device(args.device),
                         "tiny-flux (demo)", metrics_path=out / "metrics.jsonl")
+
+
+def config_toml(run: RunConfig) -> str:
+    """The settings of ``run`` that differ from the defaults, as a TOML file ``train --config`` reads."""
+    default = RunConfig()
+    lines = []
+    for section in dataclasses.fields(run):
+        values = dataclasses.asdict(getattr(run, section.name))
+        defaults = dataclasses.asdict(getattr(default, section.name))
+        changed = {k: v for k, v in values.items() if v != defaults[k]}
+        if changed:
+            # JSON's strings, numbers, booleans and lists of them are valid TOML values
+            lines += [f"[{section.name}]", *(f"{k} = {json.dumps(v)}" for k, v in changed.items()), ""]
+    return "\n".join(lines)
+
+
+def cmd_tiny_models(args) -> int:
+    from .fileio import atomic_dir
+    from .models.tiny import TINY_MODEL_FILES, TINY_T5_MAX_LENGTH, write_tiny_models
+
+    folder = Path(args.folder).expanduser().resolve()
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()  # an empty folder is taken over
+    elif folder.exists():
+        raise TrainerInputError(f"tiny-models: '{folder}' already exists; give a new folder (or delete this one).")
+    run = demo_run_config(DEMO_RESOLUTION, DEMO_STEPS, DEMO_LEARNING_RATE, seed=0)
+    run.model = ModelPaths(**{key: (folder / TINY_MODEL_FILES[key]).as_posix()
+                              for key in ("transformer", "vae", "clip_l", "t5", "tokenizers")},
+                           t5_max_length=TINY_T5_MAX_LENGTH)
+    run.output.folder, run.output.name = (folder / "output").as_posix(), "tiny_lora"
+    config = folder / "train.toml"
+    with atomic_dir(folder) as staging:
+        write_tiny_models(staging)
+        (staging / config.name).write_text(
+            "# Tiny FLUX.1-architecture models (python -m trainer_core tiny-models) and the demo's recipe: the\n"
+            f"# headless path end to end on a CPU. The diffusers-format transformer folder works too:\n"
+            f"# transformer = \"{(folder / TINY_MODEL_FILES['transformer_diffusers']).as_posix()}\"\n\n"
+            + config_toml(run), encoding="utf-8")
+    print(f"tiny models and a ready config written to {folder}\n"
+          f"train:   python -m trainer_core train --config {config}")
+    return 0
 
 
 _OVERRIDES = {
@@ -227,11 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train a LoRA on a tiny built-in model and bundled images (CPU, ~1 min)")
+    demo = sub.add_parser("demo", help="train a LoRA on a tiny built-in model and bundled images (CPU, under a minute)")
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
-    demo.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
-    demo.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
-    demo.add_argument("--resolution", type=int, default=128, help="training resolution in px (default: 128)")
+    demo.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps (default: {DEMO_STEPS})")
+    demo.add_argument("--lr", type=float, default=DEMO_LEARNING_RATE,
+                      help=f"learning rate (default: {DEMO_LEARNING_RATE:g})")
+    demo.add_argument("--resolution", type=int, default=DEMO_RESOLUTION,
+                      help=f"training resolution in px (default: {DEMO_RESOLUTION})")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     demo.set_defaults(func=cmd_demo)
@@ -258,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gpu-price", dest="gpu_price", type=float,
                        help="price per GPU-hour: the run's cost is printed with its time estimate")
     train.set_defaults(func=cmd_train)
+
+    tiny = sub.add_parser(
+        "tiny-models", help="write tiny FLUX.1-architecture model files and a ready config, to try train --config "
+                            "without the FLUX.1 downloads (CPU, about a minute)")
+    tiny.add_argument("folder", help="a new folder for the model files and train.toml")
+    tiny.set_defaults(func=cmd_tiny_models)
     return parser
 
 
@@ -267,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with logging_redirect_tqdm():  # log lines print above the progress bars instead of through them
+            return args.func(args)
     except TrainerInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

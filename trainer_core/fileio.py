@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 import torch
 from safetensors.torch import save_file
 
 from .errors import TrainerInputError
 
+log = logging.getLogger(__name__)
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # reading the umask means setting it: put it back at once
+
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[0-9a-f]{8}\.tmp$")  # what atomic_path names its temporary files
 
 
 @contextmanager
@@ -22,7 +29,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
 
     On failure the temporary file is removed and ``path`` is untouched, so a crash never leaves a
-    half-written file where a reader would find it.
+    half-written file where a reader would find it (a killed process leaves the temporary file:
+    :func:`remove_stale_temp_files`).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -35,6 +43,38 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` (which must not exist); on success it becomes ``path`` in one
+    rename, so a reader never finds a half-written set of files. On failure the temporary folder is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def remove_stale_temp_files(folder: Path, targets: Collection[str] | None = None) -> list[Path]:
+    """Delete the temporary files that saves killed mid-write (kill -9, power loss) left in ``folder``.
+
+    Only :func:`atomic_path`'s own names are touched, and with ``targets`` only those of the listed file names, so
+    a folder shared with other runs keeps their saves in flight. Call it before the run writes anything there.
+    """
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        match = _TEMP_NAME.match(path.name)
+        if match and path.is_file() and (targets is None or match["target"] in targets):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted save in %s", len(removed), folder)
+    return removed
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:

@@ -26,7 +26,7 @@ class MetricsLog:
     """Appends one JSON object per line, e.g. ``{"step": 12, "loss": 0.31, "lr": 1e-4}``.
 
     Each line is written and the file closed at once, so a crash loses at most the line being written.
-    A resumed run simply appends; :func:`read_metrics` drops the rows the resumed steps superseded.
+    A resumed run first calls :meth:`resume_at`, so the file never holds a step twice.
     """
 
     def __init__(self, path: Path):
@@ -41,6 +41,15 @@ class MetricsLog:
 
     def read(self) -> list[dict[str, Any]]:
         return read_metrics(self.path)
+
+    def resume_at(self, step: int) -> None:
+        """Keep only the rows up to ``step`` (the checkpoint a run resumes from), so the resumed steps append
+        after it instead of repeating the steps a killed run logged past its last checkpoint."""
+        if not self.path.is_file():
+            return
+        kept = [row for row in read_metrics(self.path) if _step(row) <= step]
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(row, default=float) + "\n" for row in kept), encoding="utf-8")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -21,11 +21,11 @@ from diffusers.training_utils import EMAModel
 
 from . import checkpoint as ckpt
 from . import flow, lora, memory
-from .config import LoraConfig, MemoryConfig, SampleConfig, TrainConfig
+from .config import EXPORT_FORMATS, LoraConfig, MemoryConfig, SampleConfig, TrainConfig
 from .data.cache import LatentCache
 from .data.dataset import BatchOrder
 from .errors import TrainerInputError, TrainingStopped
-from .fileio import ensure_writable_dir, safe_output_name
+from .fileio import ensure_writable_dir, remove_stale_temp_files, safe_output_name
 from .metrics import MetricsLog
 from .optim import build_optimizer, build_scheduler
 from .text_conditioning import TextConditioning
@@ -291,6 +291,11 @@ def train_lora(
         for old in ckpt.list_checkpoints(checkpoint_dir):  # only non-empty when overwrite was asked for
             old.unlink()
     metrics = MetricsLog(metrics_path)
+    # A save killed mid-write leaves its temporary file behind. The checkpoint folder is this run's alone; in the
+    # output folder only this run's own LoRA names are cleaned.
+    remove_stale_temp_files(checkpoint_dir)
+    remove_stale_temp_files(output_dir, [_adapter_file_name(stem, fmt) for stem in (name, f"{name}_ema")
+                                         for fmt in ("default", *EXPORT_FORMATS)])
 
     # Nodes run under inference mode (reference.md §3); training needs autograd whatever the caller did.
     with torch.inference_mode(False), torch.enable_grad():
@@ -332,6 +337,7 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog, ou
             losses = state.losses
             resumed_from = state.step
             log.info("resumed from %s at step %d", path, state.step)
+        metrics.resume_at(resumed_from)
 
     last_checkpoint: Path | None = None
 
@@ -393,11 +399,15 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog, ou
     return TrainResult(lora_path, losses, session.step_count, resumed_from, final_checkpoint, extra_files)
 
 
+def _adapter_file_name(stem: str, fmt: str) -> str:
+    return f"{stem}{'' if fmt == 'default' else '_' + fmt}.safetensors"
+
+
 def _save_adapters(session: TrainingSession, output_dir: Path, name: str, meta: dict[str, str],
                    overwrite: bool) -> tuple[Path, list[Path]]:
     """The LoRA in the default format and each export format, then the same for the EMA weights."""
     def save_all(stem: str, file_meta: dict[str, str]) -> list[Path]:
-        return [lora.save_lora(output_dir / f"{stem}{'' if fmt == 'default' else '_' + fmt}.safetensors",
+        return [lora.save_lora(output_dir / _adapter_file_name(stem, fmt),
                                session.transformer, {**file_meta, "format": fmt}, overwrite=overwrite,
                                text_encoders=session.text.trained, fmt=fmt)
                 for fmt in ("default", *session.lora_cfg.export_formats)]

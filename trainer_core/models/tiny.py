@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import string
+from pathlib import Path
 
 import torch
 
@@ -81,6 +82,92 @@ def _init_as_prior(model) -> None:
             bias = norm.linear.bias.view(-1, width)
             bias.zero_()
             bias[2::3] = _BLOCK_GATE
+
+
+# The demo's transformer: an exact flow model of the data mean, with room for a LoRA to add the images.
+_CONSTANT_DIMS = 32  # residual-stream dims holding ±K: LayerNorm then divides by a near-constant, i.e. acts linearly
+_K = 16.0
+_SIGMA_MIN = 0.02  # the 1/σ output gain is fitted on [0.02, 1]; the sampler's smallest σ > 0 is ≈ 0.08
+_RAMPS = 48  # time-embedding units, each a soft ramp in σ
+
+
+def build_tiny_flow_transformer(seed: int = 0):
+    """A tiny FLUX transformer (width 128) that predicts v = x_t / σ — the exact flow of data whose mean is 0 —
+    at every σ, and whose blocks add nothing until a LoRA trains them (their output projections start at 0).
+
+    The residual stream stays linear (constant dims keep LayerNorm's divisor fixed), image queries carry a constant
+    part (so RoPE gives each position its own attention to the prompt), and the final modulation scales the output
+    by 1/σ, read from time-embedding ramps. So a LoRA has one thing to learn — the image a prompt stands for — and
+    its samples are that image, not noise (tests/test_demo.py).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    config = {**tiny_flux_config(), "num_attention_heads": 8}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = FluxTransformer2DModel(**config).eval()
+    _init_as_mean_flow(model, seed)
+    return model
+
+
+@torch.no_grad()
+def _init_as_mean_flow(model, seed: int) -> None:
+    cfg = model.config
+    width = cfg.num_attention_heads * cfg.attention_head_dim
+    channels = cfg.in_channels
+    signal = width - _CONSTANT_DIMS
+    generator = torch.Generator().manual_seed(seed)
+    # tokens enter an orthonormal basis orthogonal to the all-ones vector (LayerNorm's mean stays 0)
+    q, _ = torch.linalg.qr(torch.cat([torch.ones(signal, 1), torch.randn(signal, channels, generator=generator)], 1))
+    embed = torch.zeros(width, channels)
+    embed[:signal] = q[:, 1:]
+    model.x_embedder.weight.copy_(embed)
+    model.x_embedder.bias.zero_()
+    model.x_embedder.bias[signal:signal + _CONSTANT_DIMS // 2] = _K
+    model.x_embedder.bias[signal + _CONSTANT_DIMS // 2:] = -_K
+    model.proj_out.weight.copy_(embed.T)
+    model.proj_out.bias.zero_()
+    for block in model.transformer_blocks:
+        for linear in (block.attn.to_out[0], block.attn.to_add_out, block.ff.net[2], block.ff_context.net[2]):
+            linear.weight.zero_()
+            linear.bias.zero_()
+    for block in model.single_transformer_blocks:
+        block.proj_out.weight.zero_()
+        block.proj_out.bias.zero_()
+    for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+        for norm in [block.norm1, block.norm1_context] if hasattr(block, "norm1") else [block.norm]:
+            norm.linear.weight.zero_()  # constant modulation: shift 0, scale 0, gate 1
+            bias = norm.linear.bias.view(-1, width)
+            bias.zero_()
+            bias[2::3] = 1.0
+    # time embedding = soft ramps of σ alone (the pooled text and guidance parts are switched off)
+    embeddings = model.time_text_embed
+    for linear in (embeddings.text_embedder.linear_2, embeddings.guidance_embedder.linear_2):
+        linear.weight.zero_()
+        linear.bias.zero_()
+    knots = torch.logspace(math.log10(_SIGMA_MIN), 0, _RAMPS)
+    lowest = math.exp(-math.log(10000) * 127 / 128)  # its sine channel (255) is ≈ 1000·σ·lowest: linear in σ
+    slope = 4.0 / knots
+    timestep = embeddings.timestep_embedder
+    timestep.linear_1.weight.zero_()
+    timestep.linear_1.bias.zero_()
+    timestep.linear_1.weight[:_RAMPS, 255] = -slope / (1000 * lowest)
+    timestep.linear_1.bias[:_RAMPS] = slope * knots
+    timestep.linear_2.weight.zero_()
+    timestep.linear_2.weight[range(_RAMPS), range(_RAMPS)] = 1.0
+    timestep.linear_2.bias.zero_()
+    timestep.linear_2.bias[:_RAMPS] = 10.0  # SiLU(x + 10) ≈ x + 10: the final modulation sees the ramps as they are
+    # final modulation: scale = (LayerNorm divisor)/σ − 1, least-squares fitted over σ
+    divisor = math.sqrt(_CONSTANT_DIMS * _K * _K / width)
+    sigma = torch.linspace(_SIGMA_MIN, 1, 2000)
+    temb = embeddings(sigma * 1000, torch.full_like(sigma, 1000.0), torch.zeros(len(sigma), cfg.pooled_projection_dim))
+    features = torch.cat([torch.nn.functional.silu(temb)[:, :_RAMPS], torch.ones(len(sigma), 1)], 1).double()
+    fit = torch.linalg.lstsq(features, (divisor / sigma - 1).double()[:, None]).solution[:, 0].float()
+    final = model.norm_out.linear  # rows: scale, then shift
+    final.weight.zero_()
+    final.bias.zero_()
+    final.weight[:width, :_RAMPS] = fit[:_RAMPS]
+    final.bias[:width] = fit[_RAMPS]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,3 +334,37 @@ def build_tiny_text_encoder(seed: int = 0) -> FluxTextEncoder:
         clip = CLIPTextModel(clip_config).eval()
         t5 = T5EncoderModel(t5_config).eval()
     return FluxTextEncoder(clip, clip_tokenizer, t5, t5_tokenizer, TINY_T5_MAX_LENGTH)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tiny models as files, in the formats `train --config` reads (for trying the headless path without FLUX.1)
+
+TINY_MODEL_FILES = {
+    "transformer": "flux1-tiny.safetensors",  # BFL keys, as flux1-dev.safetensors
+    "transformer_diffusers": "flux1-tiny-diffusers",  # the same weights as a diffusers folder
+    "vae": "vae",  # diffusers AutoencoderKL folder
+    "clip_l": "clip_l",  # transformers folders
+    "t5": "t5",
+    "tokenizers": "tokenizers",  # clip/ and t5/
+}
+
+
+def write_tiny_models(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """Write the tiny transformer (BFL file and diffusers folder), VAE, CLIP-L, T5 and tokenizers into ``folder``
+    under the names of :data:`TINY_MODEL_FILES`; returns those paths. The libraries' own writers produce the folders,
+    so they load exactly as downloaded models do."""
+    from ..fileio import save_safetensors
+    from .flux import diffusers_to_bfl
+
+    folder = Path(folder)
+    paths = {key: folder / name for key, name in TINY_MODEL_FILES.items()}
+    transformer = build_tiny_flow_transformer(seed=seed)
+    save_safetensors(diffusers_to_bfl(transformer.state_dict()), paths["transformer"])
+    transformer.save_pretrained(paths["transformer_diffusers"])
+    build_tiny_vae(seed=seed).vae.save_pretrained(paths["vae"])
+    text = build_tiny_text_encoder(seed=seed)
+    text.clip_model.save_pretrained(paths["clip_l"])
+    text.t5_model.save_pretrained(paths["t5"])
+    text.clip_tokenizer.save_pretrained(paths["tokenizers"] / "clip")
+    text.t5_tokenizer.save_pretrained(paths["tokenizers"] / "t5")
+    return paths
