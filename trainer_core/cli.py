@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -30,6 +31,7 @@ class TqdmCallbacks:
         self.bar = tqdm(total=total, desc="training", unit="step", dynamic_ncols=True)
         self.price = price_per_gpu_hour
         self.step_seconds: list[float] = []
+        self.checkpoint: Path | None = None  # the newest checkpoint written, for the Ctrl+C message
 
     def on_step(self, info) -> None:
         self.bar.n = info.step
@@ -44,10 +46,19 @@ class TqdmCallbacks:
         pass
 
     def on_checkpoint(self, path) -> None:
+        self.checkpoint = path
         self.bar.write(f"checkpoint: {path}")
 
     def should_stop(self) -> bool:
         return False
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl+C during training, carrying the resumable checkpoint that was kept."""
+
+    def __init__(self, checkpoint: Path | None):
+        super().__init__()
+        self.checkpoint = checkpoint
 
 
 class TqdmProgress:
@@ -122,6 +133,8 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
                 "trigger_word": run.dataset.trigger_word,
             },
         )
+    except KeyboardInterrupt as exc:
+        raise Interrupted(callbacks.checkpoint) from exc
     finally:
         callbacks.bar.close()
 
@@ -300,6 +313,17 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print("interrupted: a resumable checkpoint was saved; run again with --resume to continue.", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        checkpoint = getattr(exc, "checkpoint", None)
+        if checkpoint:
+            print(f"interrupted: resumable checkpoint kept at '{checkpoint}'; run again with --resume to continue.",
+                  file=sys.stderr)
+        else:  # Ctrl+C while caching or loading: the cache keeps every item it finished
+            print("interrupted before training began: there is no checkpoint to resume; run again (items already "
+                  "cached are reused).", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: the disk is full ({exc.filename or exc}); free some space and run again.", file=sys.stderr)
+        return 1
