@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 SAMPLES_DIR = Path(__file__).parent / "samples"  # bundled demo images with captions
 MAX_ASPECT = 2.0  # wider/taller images are cropped to a 2:1 bucket
+# 16-bit grey as Pillow opens it (16-bit PNGs open as "I" in older Pillow versions, "I;16" in newer ones).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 @dataclass(frozen=True)
@@ -392,6 +394,10 @@ def _decode(data: bytes, label: str, mode: str = "RGB") -> Image.Image:
         raise TrainerInputError(
             f"{label} is corrupt or not an image ({exc}). Re-export it as PNG or JPEG, or remove it from the folder."
         ) from exc
+    if img.mode in _SIXTEEN_BIT_MODES:
+        # convert() would clip 16-bit grey at 255 (a nearly white image): scale the full range to 8 bits instead.
+        grey = np.asarray(img).astype(np.float64) * (255 / 65535)
+        img = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), "L")
     if mode == "L":  # a mask: grey levels are loss weights
         return img.convert("L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
