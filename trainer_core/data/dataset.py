@@ -94,11 +94,17 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
     return pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)
 
 
-def scan_dataset(cfg: DatasetConfig) -> list[DatasetItem]:
+def scan_dataset(cfg: DatasetConfig, allowed_roots: Sequence[Path] | None = None) -> list[DatasetItem]:
     """Items for every supported image in ``cfg.folder``: one per (image, resolution), plus a flipped twin
-    when ``cfg.flip``. Files are taken in name order, so the item order is stable."""
+    when ``cfg.flip``. Files are taken in name order, so the item order is stable.
+
+    ``allowed_roots``: folders that the dataset folder and every file read (images, captions, masks) must lie
+    in once symbolic links are resolved (a server's policy); None reads wherever the links lead.
+    """
     cfg.validate()
     folder = _check_folder(cfg.folder)
+    roots = None if allowed_roots is None else [Path(r).resolve() for r in allowed_roots]
+    _check_inside(folder, roots, "dataset.folder")
     files = sorted(
         (p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")), key=lambda p: p.name.lower()
     )
@@ -120,10 +126,11 @@ def scan_dataset(cfg: DatasetConfig) -> list[DatasetItem]:
         )
     items: list[DatasetItem] = []
     for path in images:
+        _check_inside(path, roots, "dataset image")
         data = _read_bytes(path)
         size = _decode(data, f"dataset image '{path}'").size
-        caption = with_trigger(_caption_for(path, cfg), cfg.trigger_word)
-        mask = _mask_for(path, size, masks.get(path))
+        caption = with_trigger(_caption_for(path, cfg, roots), cfg.trigger_word)
+        mask = _mask_for(path, size, masks.get(path), roots)
         items += _items_for(path, size, hashlib.sha256(data).hexdigest(), caption, cfg, f"dataset image '{path}'",
                             mask=mask)
     log.info("dataset: %d images → %d items from %s", len(images), len(items), folder)
@@ -342,6 +349,14 @@ def _check_folder(folder: str) -> Path:
     return path
 
 
+def _check_inside(path: Path, roots: list[Path] | None, label: str) -> None:
+    if roots is not None and not any(path.resolve().is_relative_to(root) for root in roots):
+        raise TrainerInputError(
+            f"{label} '{path}' is a link that leads outside the folders this server lets nodes read. Put the file "
+            f"itself in the dataset folder instead of a link to it."
+        )
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -371,9 +386,10 @@ def _pair_masks(images: list[Path], suffix: str) -> tuple[dict[Path, Path], list
     return pairs, training
 
 
-def _mask_for(image: Path, size: tuple[int, int], mask: Path | None) -> tuple | None:
+def _mask_for(image: Path, size: tuple[int, int], mask: Path | None, roots: list[Path] | None) -> tuple | None:
     if mask is None:
         return None
+    _check_inside(mask, roots, "mask")
     data = _read_bytes(mask)
     mask_size = _decode(data, f"mask '{mask}'", mode="L").size
     if mask_size != size:
@@ -407,12 +423,13 @@ def _decode(data: bytes, label: str, mode: str = "RGB") -> Image.Image:
     return img.convert("RGB")
 
 
-def _caption_for(image: Path, cfg: DatasetConfig) -> str:
+def _caption_for(image: Path, cfg: DatasetConfig, roots: list[Path] | None) -> str:
     path = image.with_suffix(_caption_ext(cfg))
     if not path.is_file():
         if cfg.caption_fallback == "stem":
             return image.stem.replace("_", " ").strip()
         return ""
+    _check_inside(path, roots, "caption file")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
