@@ -247,7 +247,7 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_files):
     process = subprocess.Popen(command("split"), cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 500
         while time.monotonic() < deadline and process.poll() is None:
             if metrics.is_file() and len(metrics.read_text().splitlines()) >= 10:
                 break

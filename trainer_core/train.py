@@ -14,10 +14,9 @@ import math
 import signal
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from diffusers.training_utils import EMAModel
@@ -377,39 +376,39 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog, ou
         return last_checkpoint
 
     started = time.perf_counter()
-    with _ctrl_c_between_steps() as ctrl_c:
-        try:
-            while session.step_count < cfg.steps:
-                if ctrl_c.is_set():
-                    raise KeyboardInterrupt
-                if callbacks.should_stop():
-                    raise TrainingStopped(f"stopped at step {session.step_count} on request")
-                t0 = time.perf_counter()
-                loss = session.step()
-                if not session.weights_finite():
-                    raise TrainingStopped(f"the LoRA weights became non-finite at step {session.step_count}")
-                losses.append(loss)
-                metrics.append({"step": session.step_count, "loss": loss, "lr": session.lr})
-                callbacks.on_step(StepInfo(session.step_count, cfg.steps, loss, session.lr,
-                                           time.perf_counter() - t0))
-                if cfg.checkpoint_every and session.step_count % cfg.checkpoint_every == 0 \
-                        and session.step_count < cfg.steps:
-                    save_checkpoint()
-                if validation and validation.config.every and session.step_count % validation.config.every == 0:
-                    callbacks.on_sample(session.step_count, session.sample(validation))
-        except BaseException as exc:
-            # Interrupt, error or divergence: keep the weights of the last completed step, unless they are not
-            # finite — those are never saved, so the newest checkpoint on disk is the last finite one.
-            finite = session.weights_finite()
-            if finite and (session.step_count > resumed_from or last_checkpoint is None):
-                path = save_checkpoint()
-            else:
-                path = last_checkpoint if finite else ckpt.latest_checkpoint(checkpoint_dir)
-            log.warning("training stopped at step %d (%s); resumable checkpoint: %s", session.step_count,
-                        str(exc) or type(exc).__name__, path)
-            if isinstance(exc, TrainingStopped):
-                raise TrainingStopped(_stop_message(exc, path, finite), checkpoint=path) from exc
-            raise
+    ctrl_c = _CtrlCBetweenSteps()
+    try:
+        while session.step_count < cfg.steps:
+            if ctrl_c.requested:
+                raise KeyboardInterrupt
+            if callbacks.should_stop():
+                raise TrainingStopped(f"stopped at step {session.step_count} on request")
+            t0 = time.perf_counter()
+            loss = session.step()
+            if not session.weights_finite():
+                raise TrainingStopped(f"the LoRA weights became non-finite at step {session.step_count}")
+            losses.append(loss)
+            metrics.append({"step": session.step_count, "loss": loss, "lr": session.lr})
+            callbacks.on_step(StepInfo(session.step_count, cfg.steps, loss, session.lr, time.perf_counter() - t0))
+            if cfg.checkpoint_every and session.step_count % cfg.checkpoint_every == 0 and session.step_count < cfg.steps:
+                save_checkpoint()
+            if validation and validation.config.every and session.step_count % validation.config.every == 0:
+                callbacks.on_sample(session.step_count, session.sample(validation))
+    except BaseException as exc:
+        # Interrupt, error or divergence: keep the weights of the last completed step, unless they are not finite —
+        # those are never saved, so the newest checkpoint on disk is the last finite one.
+        finite = session.weights_finite()
+        if finite and (session.step_count > resumed_from or last_checkpoint is None):
+            path = save_checkpoint()
+        else:
+            path = last_checkpoint if finite else ckpt.latest_checkpoint(checkpoint_dir)
+        log.warning("training stopped at step %d (%s); resumable checkpoint: %s", session.step_count,
+                    str(exc) or type(exc).__name__, path)
+        if isinstance(exc, TrainingStopped):
+            raise TrainingStopped(_stop_message(exc, path, finite), checkpoint=path) from exc
+        raise
+    finally:
+        ctrl_c.restore()
 
     elapsed = time.perf_counter() - started
     meta = {
@@ -452,31 +451,31 @@ def _stop_message(exc: TrainingStopped, path: Path | None, finite: bool) -> str:
     return f"{exc} — resumable checkpoint kept at '{path}'. {advice}"
 
 
-@contextmanager
-def _ctrl_c_between_steps() -> Iterator[threading.Event]:
-    """Ctrl+C (SIGINT) lets the step in flight finish, then the loop stops between steps — so the checkpoint it
-    saves resumes exactly. A second Ctrl+C stops at once (the step rolls back, see TrainingSession.step).
+class _CtrlCBetweenSteps:
+    """Ctrl+C (SIGINT) lets the step in flight finish and sets ``requested``; the loop then stops between steps,
+    so the checkpoint it saves resumes exactly. A second Ctrl+C stops at once (the step rolls back, see
+    TrainingSession.step).
 
-    Only where Python's own handler is installed on the main thread (the CLI); elsewhere (ComfyUI runs nodes in
-    a worker thread) the event is never set.
+    Only where Python's own handler is installed on the main thread (the CLI); elsewhere (ComfyUI runs nodes in a
+    worker thread) nothing changes and ``requested`` stays False.
     """
-    requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield requested
-        return
 
-    def on_sigint(signum, frame):
-        if requested.is_set():
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested:
             raise KeyboardInterrupt
-        requested.set()
+        self.requested = True
         log.warning("Ctrl+C: stopping after the current step (press again to stop at once)")
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield requested
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _save_adapters(session: TrainingSession, output_dir: Path, name: str, meta: dict[str, str],
