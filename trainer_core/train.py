@@ -215,7 +215,10 @@ class TrainingSession:
         return total
 
     def weights_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.params)
+        flags: dict[torch.device, list[torch.Tensor]] = {}  # one GPU sync per device, not one per tensor
+        for param in self.params:
+            flags.setdefault(param.device, []).append(torch.isfinite(param).all())
+        return all(bool(torch.stack(group).all()) for group in flags.values())
 
     @property
     def lr(self) -> float:
