@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # trainer_core.train pulls in diffusers and peft: only import
 
 log = logging.getLogger(__name__)
 
-ALLOW_PATHS_ENV = "FLUX_LORA_TRAINER_ALLOW_PATHS"  # "1": the dataset node may read any absolute folder
+ALLOW_PATHS_ENV = "FLUX_LORA_TRAINER_ALLOW_PATHS"  # "1": nodes may read any path (see allowed_roots)
 WORK_FOLDER = "flux_lora_training"  # under ComfyUI's output folder: cache/ and checkpoints/
 
 
@@ -71,11 +71,56 @@ def subfolders(root: Path | None, extensions: Iterable[str]) -> list[str]:
     return found
 
 
+def allowed_roots() -> list[Path] | None:
+    """The folders a node may read, symlinks resolved: ComfyUI's input and output folders and every model folder
+    it knows (``models/`` and the extra paths of each kind). None — anywhere — when ComfyUI was started with
+    FLUX_LORA_TRAINER_ALLOW_PATHS=1. Every path a node accepts is checked against these (:func:`check_allowed`)."""
+    if os.environ.get(ALLOW_PATHS_ENV, "") == "1":
+        return None
+    roots = list(comfy_folders() or ())
+    try:
+        import folder_paths
+    except ImportError:
+        pass
+    else:
+        roots.append(Path(folder_paths.models_dir))
+        for kind, (paths, _) in folder_paths.folder_names_and_paths.items():
+            if kind != "custom_nodes":
+                roots += [Path(p) for p in paths]
+    return [root.resolve() for root in roots]
+
+
+def check_allowed(path: Path, field: str) -> Path:
+    """``path`` with symlinks resolved, if it lies inside :func:`allowed_roots`; else an error naming ``field``."""
+    roots = allowed_roots()
+    real = Path(path).resolve()
+    if roots is not None and not any(real.is_relative_to(root) for root in roots):
+        raise TrainerInputError(
+            f"{field}: '{path}' leads outside ComfyUI's input, output and model folders, which is all this server "
+            f"lets nodes read. Move the file there, or start ComfyUI with {ALLOW_PATHS_ENV}=1 to allow any path."
+        )
+    return real
+
+
+def lora_file(name: str, field: str) -> Path:
+    """A LoRA picked from ComfyUI's ``loras`` list (``models/loras``, ``output/loras``, extra paths) → its path."""
+    try:
+        import folder_paths
+    except ImportError:
+        raise TrainerInputError(f"{field}: picking a LoRA needs ComfyUI's model folders; run inside ComfyUI.") \
+            from None
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise TrainerInputError(f"{field}: '{name}' is not in ComfyUI's LoRA list (models/loras, output/loras). "
+                                f"Pick one from the list; refresh the page after adding a file.")
+    return check_allowed(Path(path), field)
+
+
 def resolve_dataset_folder(input_dir: Path, folder: str, custom_folder: str = "") -> Path:
     """The folder to scan: ``custom_folder`` (an absolute path, only when allowed) or ``input_dir/folder``.
 
-    ``folder`` may not climb out of the input folder (``..``, absolute paths); a symlink the server's owner put
-    inside it is followed, like any folder there.
+    ``folder`` may not climb out of the input folder (``..``, absolute paths); symlinks in it are followed only as
+    far as :func:`allowed_roots` allows (checked, for the folder and each file, when the dataset is scanned).
     """
     if custom_folder.strip():
         if os.environ.get(ALLOW_PATHS_ENV, "") != "1":

@@ -178,4 +178,4 @@ class FluxLoraDataset:
             raise TrainerInputError("folder: reading a folder needs ComfyUI's input folder; run inside ComfyUI.")
         path = bridge.resolve_dataset_folder(folders[0], folder, custom_folder)
         cfg.folder = str(path)
-        return (DatasetSpec(scan_dataset(cfg), cfg, str(path)),)
+        return (DatasetSpec(scan_dataset(cfg, bridge.allowed_roots()), cfg, str(path)),)

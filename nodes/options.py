@@ -10,10 +10,21 @@ import dataclasses
 
 from ..trainer_core.config import ALGORITHMS, LOSS_TYPES, SCHEDULERS, TEXT_ENCODER_TARGETS, LoraConfig, TrainConfig
 from ..trainer_core.errors import TrainerInputError
+from . import comfy_bridge as bridge
 
 CATEGORY = "FLUX LoRA"
+NO_LORA = "none"
 TARGET_CHOICES = ("attention+ffs", "attention", "mmdit", "all", "all+ffs", "context", "context+ffs", "tiny", "nano",
                   "regex")
+
+
+def _lora_choices() -> list[str]:
+    """"none" and the LoRAs ComfyUI lists (models/loras, output/loras and extra paths); only "none" outside it."""
+    try:
+        import folder_paths
+    except ImportError:
+        return [NO_LORA]
+    return [NO_LORA, *folder_paths.get_filename_list("loras")]
 
 
 def _betas(text: str) -> list[float]:
@@ -40,7 +51,8 @@ def options_from_widgets(targets, targets_regex, algorithm, use_dora, lokr_facto
     lora = {
         "targets": targets_regex.strip() if targets == "regex" else targets,
         "algorithm": algorithm, "use_dora": use_dora, "lokr_factor": lokr_factor,
-        "rank_pattern": rank_pattern.strip(), "alpha_pattern": alpha_pattern.strip(), "init_from": init_from.strip(),
+        "rank_pattern": rank_pattern.strip(), "alpha_pattern": alpha_pattern.strip(),
+        "init_from": "" if init_from == NO_LORA else str(bridge.lora_file(init_from, "init_from")),
         "export_formats": [f for f, on in (("kohya", export_kohya), ("comfy", export_comfy)) if on],
         "text_encoders": text_encoders, "text_encoder_rank": text_encoder_rank,
         "text_encoder_alpha": text_encoder_alpha,
@@ -99,8 +111,10 @@ class FluxLoraOptions:
             "rank_pattern": ("STRING", {"default": "", "tooltip": "Per-layer ranks: 'regex=rank, …', e.g. "
                                                                   "'proj_mlp=8'."}),
             "alpha_pattern": ("STRING", {"default": "", "tooltip": "Per-layer alphas, same form."}),
-            "init_from": ("STRING", {"default": "", "tooltip": "Warm start: path of a LoRA file (this pack's, kohya "
-                                                               "or ComfyUI format) with the same targets."}),
+            "init_from": (_lora_choices(), {"default": NO_LORA,
+                                            "tooltip": "Warm start from a LoRA in ComfyUI's list (this pack's, "
+                                                       "kohya or ComfyUI format) with the same targets; none = "
+                                                       "start fresh."}),
             "export_kohya": ("BOOLEAN", {"default": False, "tooltip": "Also write <name>_kohya.safetensors "
                                                                       "(lora_unet_… keys, fused q/k/v)."}),
             "export_comfy": ("BOOLEAN", {"default": False, "tooltip": "Also write <name>_comfy.safetensors "

@@ -101,3 +101,171 @@ folder = "{(tmp_path / 'out').as_posix()}"
     state, meta = read_lora_file(tmp_path / "out" / "mine.safetensors")
     assert meta["base_model"] == "flux.safetensors" and meta["steps"] == "6" and meta["resolutions"] == "64"
     assert (tmp_path / "out" / "samples.png").is_file()
+
+
+# --- everything is validated before the first expensive step -----------------------------------------------------
+
+@pytest.mark.parametrize("section,line,message", [
+    ("train", "learning_rate = nan", r"'learning_rate' must be a finite number, got nan"),
+    ("train", "learning_rate = inf", r"'learning_rate' must be a finite number, got inf"),
+    ("lora", "alpha = -inf", r"'alpha' must be a finite number"),
+    ("dataset", 'resolutions = ["64"]', r"\[dataset\]: 'resolutions' entries must be a number, got '64'"),
+    ("dataset", "folder = 123", r"\[dataset\]: 'folder' must be text \(in quotes\), got 123"),
+    ("output", "folder = 123", r"\[output\]: 'folder' must be text"),
+    ("sample", "prompts = [1, 2]", r"\[sample\]: 'prompts' entries must be text \(in quotes\), got 1"),
+    ("output", f'name = "{"x" * 240}"', r"output.name: the name is 240 bytes long; use at most 150"),
+    ("output", f'name = "{"x" * 300}"', r"output.name: the name is 300 bytes long"),
+])
+def test_bad_config_values_are_refused_in_one_line(tmp_path, capsys, section, line, message):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f"[{section}]\n{line}\n", encoding="utf-8")
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err
+    assert __import__("re").search(message, err), err
+
+
+def test_non_finite_values_are_refused_by_the_configs_themselves():
+    from trainer_core.config import LoraConfig, SampleConfig, TrainConfig
+
+    for bad in (TrainConfig(learning_rate=float("nan")), TrainConfig(betas=[0.9, float("nan")]),
+                LoraConfig(alpha=float("nan")), SampleConfig(guidance=float("inf"))):
+        with pytest.raises(TrainerInputError, match="must be a finite number"):
+            bad.validate()
+
+
+@pytest.mark.parametrize("device,message", [("foo", "is not a device name"), ("cuda:7", "cuda"), ("xla", "xla")])
+def test_unknown_or_absent_device_is_refused(capsys, device, message):
+    assert main(["train", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device:") and message in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """Tiny FLUX-architecture model files on disk (BFL transformer file, diffusers VAE folder, transformers encoder
+    folders and tokenizers) and a config writer for ``train``."""
+    from safetensors.torch import save_file
+
+    from trainer_core.models.flux import diffusers_to_bfl
+    from trainer_core.models.tiny import TINY_T5_MAX_LENGTH, build_tiny_text_encoder, build_tiny_transformer, \
+        build_tiny_vae
+
+    models = tmp_path_factory.mktemp("models")
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in
+               diffusers_to_bfl(build_tiny_transformer(seed=0).state_dict()).items()}, str(models / "flux.safetensors"))
+    vae = build_tiny_vae(seed=0).vae
+    vae.save_pretrained(models / "vae")
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(models / "vae_weights.safetensors"))
+    text = build_tiny_text_encoder(seed=0)
+    text.clip_model.save_pretrained(models / "clip_l")
+    text.t5_model.save_pretrained(models / "t5")
+    text.clip_tokenizer.save_pretrained(models / "tokenizers" / "clip")
+    text.t5_tokenizer.save_pretrained(models / "tokenizers" / "t5")
+    cache = models / "cache"
+
+    def write(path, out, transformer=models / "flux.safetensors", steps=6, checkpoint_every=0):
+        path.write_text(f"""
+[model]
+transformer = "{transformer.as_posix()}"
+vae = "{(models / 'vae').as_posix()}"
+clip_l = "{(models / 'clip_l').as_posix()}"
+t5 = "{(models / 't5').as_posix()}"
+tokenizers = "{(models / 'tokenizers').as_posix()}"
+t5_max_length = {TINY_T5_MAX_LENGTH}
+[dataset]
+folder = "{SAMPLES_DIR.as_posix()}"
+resolutions = [64]
+allow_upscale = true
+[train]
+steps = {steps}
+compute_dtype = "fp32"
+checkpoint_every = {checkpoint_every}
+[sample]
+width = 64
+height = 64
+steps = 2
+[output]
+folder = "{out.as_posix()}"
+name = "mine"
+cache_folder = "{cache.as_posix()}"
+""", encoding="utf-8")
+        return path
+
+    write.models = models
+    return write
+
+
+def test_a_vae_given_as_the_transformer_is_refused_before_caching(tmp_path, capsys, tiny_files):
+    cfg = tiny_files(tmp_path / "run.toml", tmp_path / "out", transformer=tiny_files.models / "vae_weights.safetensors")
+    assert main(["train", "--config", str(cfg), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "vae_weights.safetensors is not a FLUX.1 transformer" in err
+    assert not (tmp_path / "out").exists()  # nothing was cached or written
+
+
+def test_ctrl_c_while_caching_claims_no_checkpoint(tmp_path, capsys, tiny_files, monkeypatch):
+    from trainer_core.data import cache
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache, "build_cache", interrupted)
+    cfg = tiny_files(tmp_path / "run.toml", tmp_path / "out")
+    assert main(["train", "--config", str(cfg), "--device", "cpu"]) == 130
+    err = capsys.readouterr().err
+    assert "there is no checkpoint to resume" in err and "resumable" not in err
+
+
+def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_files):
+    """A real SIGINT to a real ``python -m trainer_core train`` mid-run, then ``--resume``: the LoRA is bit for
+    bit the one an uninterrupted run writes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    root = SAMPLES_DIR.parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    steps = 150
+
+    def command(name, *extra):
+        cfg = tiny_files(tmp_path / f"{name}.toml", tmp_path / name, steps=steps)
+        return [sys.executable, "-m", "trainer_core", "train", "--config", str(cfg), "--device", "cpu", *extra]
+
+    def run(args):
+        return subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+    full = run(command("full"))
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    metrics = tmp_path / "split" / "checkpoints" / "mine" / "metrics.jsonl"
+    process = subprocess.Popen(command("split"), cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        deadline = time.monotonic() + 500
+        while time.monotonic() < deadline and process.poll() is None:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 10:
+                break
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr[-2000:]
+    assert "interrupted: resumable checkpoint kept at" in stderr
+    from trainer_core import checkpoint as ckpt
+
+    stopped_at = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "split" / "checkpoints" / "mine")).step
+    assert 10 <= stopped_at < steps  # really interrupted mid-run
+    assert not (tmp_path / "split" / "mine.safetensors").exists()
+
+    resumed = run(command("split", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load_file(tmp_path / "full" / "mine.safetensors"), load_file(tmp_path / "split" / "mine.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -296,3 +296,70 @@ def test_bundled_samples_are_small_captioned_and_consistent():
         assert Image.open(item.source).size == (128, 128)
         assert item.source.with_suffix(".txt").is_file()
         assert "sks robot" in item.caption and not item.caption.startswith("sks,")  # trigger not doubled
+
+
+# --- every image mode users have decodes to the colours they see ---------------------------------------------------
+
+def _half_and_half(path, mode, left, right, size=(32, 32), fmt="PNG", **save):
+    img = Image.new(mode, size, left)
+    img.paste(right, (size[0] // 2, 0, size[0], size[1]))
+    img.save(path, format=fmt, **save)
+
+
+def _sixteen_bit(path, mode):
+    import numpy as np
+
+    values = np.zeros((32, 32), dtype=np.uint16)
+    values[:, :16], values[:, 16:] = 16384, 49152  # a quarter and three quarters of the 16-bit range
+    if mode == "I":
+        Image.fromarray(values.astype(np.int32), "I").save(path, format="TIFF")  # opens as "I" whatever its name
+    else:
+        dtype = ">u2" if mode == "I;16B" else "<u2"
+        Image.frombytes(mode, (32, 32), values.astype(dtype).tobytes()).save(path, format="TIFF" if mode == "I;16B"
+                                                                             else "PNG")
+
+
+def _palette_with_transparency(path):
+    img = Image.new("P", (32, 32), 0)
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # index 0 red but transparent, index 1 blue
+    img.paste(1, (16, 0, 32, 32))
+    img.save(path, format="PNG", transparency=0)
+
+
+def _exif_rotated(path):
+    img = Image.new("RGB", (64, 32), RED)
+    img.paste(BLUE, (32, 0, 64, 32))
+    exif = img.getexif()
+    exif[0x0112] = 6  # shown rotated 90° clockwise: the left (red) half on top
+    img.save(path, format="PNG", exif=exif)
+
+
+WHITE, GREY_64, GREY_191 = (255, 255, 255), (64, 64, 64), (191, 191, 191)
+
+
+@pytest.mark.parametrize("mode,write,first,second", [
+    ("I;16", lambda p: _sixteen_bit(p, "I;16"), GREY_64, GREY_191),  # scaled, not clipped at 255 (white)
+    ("I;16B", lambda p: _sixteen_bit(p, "I;16B"), GREY_64, GREY_191),
+    ("I", lambda p: _sixteen_bit(p, "I"), GREY_64, GREY_191),
+    ("P+transparency", _palette_with_transparency, WHITE, BLUE),  # transparent areas are white, as with alpha
+    ("CMYK", lambda p: _half_and_half(p, "CMYK", (0, 255, 255, 0), (255, 255, 0, 0), fmt="JPEG", quality=100),
+     RED, BLUE),
+    ("LA", lambda p: _half_and_half(p, "LA", (0, 0), (0, 255)), WHITE, BLACK),
+    ("RGBA", lambda p: _half_and_half(p, "RGBA", (255, 0, 0, 0), (0, 0, 255, 255)), WHITE, BLUE),
+    ("EXIF rotation", _exif_rotated, RED, BLUE),
+])
+def test_every_image_mode_decodes_to_the_colours_shown(tmp_path, mode, write, first, second):
+    """Left/top half ``first``, right/bottom half ``second``, as any image viewer shows the file."""
+    write(tmp_path / "image.png")
+    rotated = mode == "EXIF rotation"
+    (item,) = scan_dataset(cfg(tmp_path, buckets=rotated, resolutions=[48 if rotated else 32]))
+    pixels = (item.load_pixels() * 255).round()
+    _, height, width = pixels.shape
+    if rotated:
+        assert (width, height) == (32, 64)
+        halves = pixels[:, : height // 2 - 2], pixels[:, height // 2 + 2:]
+    else:
+        halves = pixels[:, :, : width // 2 - 2], pixels[:, :, width // 2 + 2:]
+    for half, colour in zip(halves, (first, second)):
+        expected = torch.tensor(colour, dtype=torch.float32)[:, None, None].expand_as(half)
+        assert (half - expected).abs().max() <= 3, (mode, half.mean((1, 2)).tolist(), colour)

@@ -404,3 +404,54 @@ def test_fingerprint_handles_tensors_larger_than_float32_indexing():
     with torch.no_grad():
         embedding.weight[-1, -1] += 1.0  # the very last element is sampled
     assert weights_fingerprint(embedding) != first
+
+
+# --- wrong or incomplete model folders ----------------------------------------------------------------------------
+
+def _drop_tensor(weights_file, fragment: str) -> str:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(weights_file))
+    key = next(k for k in sorted(tensors) if fragment in k)
+    del tensors[key]
+    save_file(tensors, str(weights_file), metadata={"format": "pt"})
+    return key
+
+
+def test_wrong_or_incomplete_model_folders_are_refused_never_random(source, tmp_path):
+    """A CLIP-L folder given as T5, or a folder whose weights lack tensors, would load as a partly random model
+    (transformers and diffusers only log it): each is refused naming what is missing."""
+    text = tiny.build_tiny_text_encoder(seed=0)
+    text.clip_model.save_pretrained(tmp_path / "clip_l")
+    text.t5_model.save_pretrained(tmp_path / "t5")
+    with pytest.raises(TrainerInputError, match=r"clip_l holds a 'clip_text_model' model, not the T5-XXL"):
+        encoders.load_text_encoder("t5", tmp_path / "clip_l", torch.float32)
+    missing = _drop_tensor(tmp_path / "t5" / "model.safetensors", "SelfAttention.q.weight")
+    with pytest.raises(TrainerInputError, match=rf"lack 1 of the model's tensors \(e\.g\. {re.escape(missing)}\)"):
+        encoders.load_text_encoder("t5", tmp_path / "t5", torch.float32)
+
+    vae = small_vae()
+    vae.save_pretrained(tmp_path / "vae")
+    missing = _drop_tensor(tmp_path / "vae" / "diffusion_pytorch_model.safetensors", "decoder.conv_out")
+    with pytest.raises(TrainerInputError, match=rf"VAE weights lack 1 .*{re.escape(missing)}"):
+        load_vae(tmp_path / "vae", dtype=torch.float32)
+
+    model, _ = source
+    model.save_pretrained(tmp_path / "transformer")
+    weights = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    missing = _drop_tensor(weights, "proj_out")
+    with pytest.raises(TrainerInputError, match=rf"lack 1 tensors \(e\.g\. {re.escape(missing)}\)"):
+        load_flux_transformer(tmp_path / "transformer", dtype=torch.float32)
+    weights.unlink()
+    with pytest.raises(TrainerInputError, match="config.json but no .safetensors weights"):
+        flux.check_flux_transformer(tmp_path / "transformer")
+
+
+def test_transformer_family_is_read_from_the_header_alone(source, tmp_path):
+    """check_flux_transformer answers from the file's header (the CLI calls it before caching): a VAE is named
+    as one, a real FLUX.1 file passes."""
+    _, sd = source
+    flux.check_flux_transformer(save(diffusers_to_bfl(sd), tmp_path / "flux.safetensors"))
+    vae_file = save(to_ldm(small_vae().state_dict(), levels=2), tmp_path / "ae.safetensors")
+    with pytest.raises(TrainerInputError, match="ae.safetensors is not a FLUX.1 transformer: it looks like a VAE"):
+        flux.check_flux_transformer(vae_file)

@@ -588,3 +588,38 @@ def test_text_encoder_options_need_flux_text_encoders_on_the_clip_input(pack, fl
         {k: v for k, v in clip.patcher.sd.items() if k.startswith("clip_l.")}))
     with pytest.raises(pack.errors.TrainerInputError, match="this CLIP holds clip_l.*DualCLIPLoader"):
         pack.bridge.flux_text_encoder(clip_l_only, torch.float32, tokenizer_dir=folder)
+
+
+def test_dataset_files_may_not_link_out_of_comfyuis_folders(pack, tmp_path, monkeypatch):
+    """Every file the Dataset node reads — the folder, images, captions, masks — is checked with symlinks
+    resolved: a link out of ComfyUI's folders is refused naming the file (its text would land in cache metadata
+    that /view serves); links that stay inside, and anything with FLUX_LORA_TRAINER_ALLOW_PATHS=1, are read."""
+    node = pack.dataset.FluxLoraDataset
+    secret = tmp_path / "secret"
+    _image(secret / "outside.png", (64, 64))
+    (secret / "shadow.txt").write_text("root:x:0:0", encoding="utf-8")
+    folder = tmp_path / "input" / "shapes"
+    _image(folder / "cat.png", (64, 64))
+    _image(tmp_path / "input" / "shared" / "dog.png", (64, 64))
+    (folder / "dog.png").symlink_to(tmp_path / "input" / "shared" / "dog.png")  # stays inside: fine
+    monkeypatch.setattr(pack.bridge, "comfy_folders", lambda: (tmp_path / "input", tmp_path / "output"))
+    monkeypatch.delenv(pack.bridge.ALLOW_PATHS_ENV, raising=False)
+    widgets = _dataset_widgets(pack, folder="shapes", resolutions="64")
+    (spec,) = node().build(**widgets)
+    assert len(spec.items) == 2
+
+    links = [(folder / "cat.txt", secret / "shadow.txt", "caption file"),
+             (folder / "cow.png", secret / "outside.png", "dataset image"),
+             (folder / "cat_mask.png", secret / "outside.png", "mask")]
+    for link, target, label in links:
+        link.symlink_to(target)
+        with pytest.raises(pack.errors.TrainerInputError, match=rf"{label} '{re.escape(str(link))}' is a link that "
+                                                                 r"leads outside"):
+            node().build(**widgets, masked_loss=label == "mask")
+        monkeypatch.setenv(pack.bridge.ALLOW_PATHS_ENV, "1")
+        node().build(**widgets, masked_loss=label == "mask")  # the server's owner opted in
+        monkeypatch.delenv(pack.bridge.ALLOW_PATHS_ENV)
+        link.unlink()
+    (tmp_path / "input" / "linked").symlink_to(secret)
+    with pytest.raises(pack.errors.TrainerInputError, match="dataset.folder '.*linked' is a link that leads outside"):
+        node().build(**_dataset_widgets(pack, folder="linked", resolutions="64"))

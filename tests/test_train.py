@@ -77,10 +77,103 @@ def test_resume_continues_bit_for_bit(sample_cache, tmp_path, optimizer, accum, 
 
 
 def test_resume_refuses_changed_settings(sample_cache, tmp_path, stop_at):
+    """A setting that changes what the run is (loss, rank) is refused, naming exactly the keys that differ in
+    a short message."""
     with pytest.raises(KeyboardInterrupt):
         train(sample_cache, tmp_path, fast(), callbacks=stop_at(2))
-    with pytest.raises(TrainerInputError, match="settings changed.*learning_rate"):
-        train(sample_cache, tmp_path, fast(learning_rate=5e-4), resume=True)
+    with pytest.raises(TrainerInputError, match=r"settings changed: lora\.rank \(8 → 4\), train\.loss_type "
+                                                r"\('l2' → 'l1'\)\. Restore") as err:
+        train(sample_cache, tmp_path, fast(loss_type="l1", learning_rate=5e-4), resume=True,
+              lora_cfg=LoraConfig(rank=4, alpha=8))
+    assert len(str(err.value)) < 300 and "learning_rate" not in str(err.value)
+
+
+def test_resume_may_change_learning_rate_and_schedule(sample_cache, tmp_path, stop_at, caplog):
+    """After a stop, a lower learning rate or another schedule continues the run (and the log says what changed):
+    the steps already taken stay, the rest follow the new settings."""
+    with pytest.raises(KeyboardInterrupt):
+        train(sample_cache, tmp_path, fast(steps=6), callbacks=stop_at(3))
+
+    class Rates(Callbacks):
+        seen: list = []
+
+        def on_step(self, info):
+            self.seen.append(info.lr)
+
+    _, first = train(sample_cache, tmp_path / "same", fast(steps=3))
+    caplog.set_level("INFO", logger="trainer_core.train")
+    _, resumed = train(sample_cache, tmp_path, fast(steps=6, learning_rate=2e-4, scheduler="linear"), resume=True,
+                       callbacks=Rates())
+    assert resumed.resumed_from == 3 and resumed.steps == 6 and resumed.losses[:3] == first.losses
+    assert Rates.seen == pytest.approx([2e-4 * 2 / 6, 2e-4 * 1 / 6, 0.0])  # linear decay from the new rate
+    assert "train.learning_rate: 0.001 → 0.0002" in caplog.text and "train.scheduler: 'constant' → 'linear'" in \
+        caplog.text
+
+
+def test_divergence_never_saves_non_finite_weights(sample_cache, tmp_path):
+    """An optimizer step that overflows the weights (as a far too high learning rate does) is caught: no
+    checkpoint holds non-finite weights, and the message points at the last finite one."""
+
+    class OverflowAt3(Callbacks):
+        def __init__(self):
+            self.model = None
+
+        def on_step(self, info):
+            if info.step == 3:
+                with torch.no_grad():
+                    for name, param in self.model.named_parameters():
+                        if ".lora_B." in name:
+                            param.fill_(float("inf"))
+
+    callbacks = OverflowAt3()
+    callbacks.model = build_tiny_transformer(seed=0)
+    with pytest.raises(TrainingStopped, match=r"at step 4; non-finite weights are never saved — the last finite "
+                                              r"checkpoint is '.*step_000002\.safetensors'\. Lower the learning "
+                                              r"rate") as err:
+        train(sample_cache, tmp_path, fast(checkpoint_every=2), model=callbacks.model, callbacks=callbacks)
+    kept = ckpt.list_checkpoints(tmp_path / "checkpoints" / "t")
+    assert err.value.checkpoint == kept[-1] and [p.name for p in kept] == ["step_000002.safetensors"]
+    assert all(torch.isfinite(t).all() for t in ckpt.load_checkpoint(kept[-1]).lora.values())
+
+
+def test_a_full_disk_at_the_end_keeps_the_finished_run(sample_cache, tmp_path, monkeypatch):
+    """Writing the LoRA fails only for reasons no check could know (a full disk): the message says so in one
+    line, the final checkpoint is kept, and a resume writes the same LoRA an uninterrupted run writes."""
+    import errno
+
+    full_model, full = train(sample_cache, tmp_path / "full", fast(steps=4))
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lora, "save_lora", disk_full)
+        with pytest.raises(TrainingStopped, match=r"could not write the LoRA .*\(No space left on device\); the "
+                                                  r"finished run is kept in checkpoint") as err:
+            train(sample_cache, tmp_path, fast(steps=4))
+    assert "\n" not in str(err.value) and ckpt.load_checkpoint(err.value.checkpoint).step == 4
+    assert not list(tmp_path.glob("*.safetensors"))
+    model, resumed = train(sample_cache, tmp_path, fast(steps=4), resume=True)
+    assert resumed.resumed_from == 4 and resumed.lora_path.is_file()
+    a, b = lora.lora_state_dict(full_model), lora.lora_state_dict(model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_output_names_fit_every_derived_file_and_longer_ones_are_refused_first(sample_cache, tmp_path):
+    """The longest allowed name still fits its numbered, EMA and kohya files and their temporary names; a
+    longer one is refused before any step runs."""
+    from trainer_core.fileio import MAX_NAME_BYTES
+
+    name = "n" * MAX_NAME_BYTES
+    settings = dict(lora_cfg=LoraConfig(rank=4, alpha=4, export_formats=["kohya"]))
+    train(sample_cache, tmp_path, fast(steps=1, ema_decay=0.9), name=name, **settings)
+    _, again = train(sample_cache, tmp_path, fast(steps=1, ema_decay=0.9), name=name, **settings)
+    assert {p.name for p in again.extra_files} == {f"{name}_001_kohya.safetensors", f"{name}_001_ema.safetensors",
+                                                  f"{name}_001_ema_kohya.safetensors"}
+    for length in (MAX_NAME_BYTES + 1, 240, 300):
+        with pytest.raises(TrainerInputError, match=f"output_name: the name is {length} bytes long"):
+            train(sample_cache, tmp_path / "long", fast(steps=1), name="x" * length)
+    assert not (tmp_path / "long" / "checkpoints").exists()
 
 
 def test_resume_can_extend_a_finished_run(sample_cache, tmp_path):

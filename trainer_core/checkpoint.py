@@ -170,12 +170,34 @@ def load_checkpoint(path: Path) -> TrainingState:
     )
 
 
-def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse to resume a run whose settings changed in a way that would silently change the result."""
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if changed:
-        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in changed)
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path,
+                      resumable: tuple[str, ...] = ()) -> list[str]:
+    """Refuse to resume a run whose settings changed in a way that would change what the run is; the message
+    names each such setting. Settings in ``resumable`` (dotted names such as ``train.learning_rate``) may
+    change: they are returned as ``"name: old → new"`` for the caller to report."""
+    old, new = _flatten(saved), _flatten(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    refused = [k for k in changed if k not in resumable]
+    if refused:
+        details = ", ".join(f"{k} ({_short(old.get(k))} → {_short(new.get(k))})" for k in refused[:6])
+        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
         raise TrainerInputError(
-            f"cannot resume from '{path}': settings changed ({details}). Restore those settings, "
-            f"or start a new run (turn resume off or use a new output name)."
+            f"cannot resume from '{path}': settings changed: {details}{more}. Restore them, or start a new run "
+            f"(resume off, or a new output name)."
         )
+    return [f"{k}: {_short(old.get(k))} → {_short(new.get(k))}" for k in changed]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ class TqdmCallbacks:
         self.bar = tqdm(total=total, desc="training", unit="step", dynamic_ncols=True)
         self.price = price_per_gpu_hour
         self.step_seconds: list[float] = []
+        self.checkpoint: Path | None = None  # the newest checkpoint written, for the Ctrl+C message
 
     def on_step(self, info) -> None:
         self.bar.n = info.step
@@ -52,10 +54,18 @@ class TqdmCallbacks:
         pass
 
     def on_checkpoint(self, path) -> None:
-        pass  # the library logs each checkpoint once, above the bar (logging_redirect_tqdm in run_training)
+        self.checkpoint = path  # the library logs each checkpoint once, above the bar (logging_redirect_tqdm)
 
     def should_stop(self) -> bool:
         return False
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl+C during training, carrying the resumable checkpoint that was kept."""
+
+    def __init__(self, checkpoint: Path | None):
+        super().__init__()
+        self.checkpoint = checkpoint
 
 
 class TqdmProgress:
@@ -96,10 +106,12 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
     """
     from .data.cache import build_cache, build_prompt_cache
     from .data.dataset import scan_dataset
+    from .fileio import ensure_writable_dir
     from .metrics import plot_loss
     from .train import ValidationPrompts, sample_validation, train_lora
 
     run.validate()
+    ensure_writable_dir(out, "output.folder")
     items = scan_dataset(run.dataset)
     cache_dir = Path(run.output.cache_folder) if run.output.cache_folder else out / "cache"
     cache = build_cache(items, vae, text_encoder, cache_dir, progress=TqdmProgress("caching"),
@@ -128,6 +140,8 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
                 "trigger_word": run.dataset.trigger_word,
             },
         )
+    except KeyboardInterrupt as exc:
+        raise Interrupted(callbacks.checkpoint) from exc
     finally:
         callbacks.bar.close()
 
@@ -155,6 +169,27 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
     return 0
 
 
+def parse_device(text: str) -> torch.device:
+    """``--device``: cpu, cuda, cuda:N or mps, refused at once when it does not exist on this machine."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise TrainerInputError(f"--device: '{text}' is not a device name; use cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise TrainerInputError(f"--device: '{text}' asked for, but this machine (or this torch build) has no "
+                                    f"CUDA GPU; use --device cpu.")
+        if device.index is not None and device.index >= count:
+            raise TrainerInputError(f"--device: '{text}' does not exist; this machine has {count} CUDA GPU(s), "
+                                    f"cuda:0 to cuda:{count - 1}.")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainerInputError("--device: 'mps' is not available on this machine; use --device cpu.")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise TrainerInputError(f"--device: '{text}' is not supported; use cpu, cuda, cuda:N or mps.")
+    return device
+
+
 def demo_run_config(resolution: int, steps: int, learning_rate: float, seed: int) -> RunConfig:
     """The demo's recipe on the bundled images; ``tiny-models`` writes the same one into its config file."""
     run = RunConfig(
@@ -171,6 +206,7 @@ def demo_run_config(resolution: int, steps: int, learning_rate: float, seed: int
 def cmd_demo(args) -> int:
     from .models.tiny import build_tiny_flow_transformer, build_tiny_text_encoder, build_tiny_vae
 
+    device = parse_device(args.device)
     out = Path(args.out)
     # The tiny model's matrices are too small to split across threads: more threads only add synchronisation (on a
     # busy 2-core machine a step took 25× longer with two threads than with one).
@@ -181,7 +217,7 @@ def cmd_demo(args) -> int:
     print(f"demo: tiny FLUX-architecture model, {len(list(SAMPLES_DIR.glob('*.png')))} bundled images, "
           f"{args.steps} steps on {args.device} → {out}")
     return run_training(lambda: build_tiny_flow_transformer(seed=args.seed), build_tiny_vae(seed=args.seed),
-                        build_tiny_text_encoder(seed=args.seed), run, out, torch.device(args.device),
+                        build_tiny_text_encoder(seed=args.seed), run, out, device,
                         "tiny-flux (demo)", metrics_path=out / "metrics.jsonl")
 
 
@@ -244,7 +280,7 @@ _OVERRIDES = {
 
 def cmd_train(args) -> int:
     from .models.encoders import load_text_encoders, load_vae
-    from .models.flux import load_flux_transformer
+    from .models.flux import check_flux_transformer, load_flux_transformer
 
     run = load_run_config(Path(args.config)) if args.config else RunConfig()
     for flag, (section, name, _) in _OVERRIDES.items():
@@ -254,6 +290,7 @@ def cmd_train(args) -> int:
     if args.resume:
         run.output.resume = True
     run.validate()
+    device = parse_device(args.device)
     paths = run.model
     for field_name in ("transformer", "vae", "clip_l", "t5"):
         value = getattr(paths, field_name)
@@ -263,8 +300,9 @@ def cmd_train(args) -> int:
             raise TrainerInputError(f"[model] {field_name}: '{value}' does not exist; check the path in the config.")
     if not run.dataset.folder:
         raise TrainerInputError("[dataset] folder: no dataset folder given; set it in the config or use --dataset.")
+    # The transformer is loaded only after caching (minutes with a real T5): read its family from the file now.
+    check_flux_transformer(paths.transformer)
     out = Path(run.output.folder)
-    device = torch.device(args.device)
     dtype = torch.bfloat16 if run.train.compute_dtype == "bf16" else torch.float32
     base_name = paths.base_name or Path(paths.transformer).name
     return run_training(
@@ -341,6 +379,17 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print("interrupted: a resumable checkpoint was saved; run again with --resume to continue.", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        checkpoint = getattr(exc, "checkpoint", None)
+        if checkpoint:
+            print(f"interrupted: resumable checkpoint kept at '{checkpoint}'; run again with --resume to continue.",
+                  file=sys.stderr)
+        else:  # Ctrl+C while caching or loading: the cache keeps every item it finished
+            print("interrupted before training began: there is no checkpoint to resume; run again (items already "
+                  "cached are reused).", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: the disk is full ({exc.filename or exc}); free some space and run again.", file=sys.stderr)
+        return 1

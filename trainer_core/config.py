@@ -7,11 +7,14 @@ dataclass has ``validate()``, which raises :class:`TrainerInputError` naming the
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import TrainerInputError
+from .fileio import safe_output_name
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_FALLBACKS = ("stem", "trigger")
@@ -31,6 +34,15 @@ LORA_DTYPES = ("fp32", "bf16")
 def _check_choice(section: str, name: str, value: str, choices) -> None:
     if value not in choices:
         raise TrainerInputError(f"{section}.{name}: '{value}' is not one of {', '.join(choices)}.")
+
+
+def _check_finite(section: str, instance) -> None:
+    """Refuse NaN and ±inf in every float (or list of floats) field: no range check would catch a NaN."""
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise TrainerInputError(f"{section}.{f.name}: must be a finite number, got {item}.")
 
 
 def _check_positive(section: str, name: str, value, allow_zero: bool = False) -> None:
@@ -56,6 +68,7 @@ class DatasetConfig:
     mask_suffix: str = "_mask"
 
     def validate(self) -> "DatasetConfig":
+        _check_finite("dataset", self)
         _check_choice("dataset", "caption_fallback", self.caption_fallback, CAPTION_FALLBACKS)
         if self.masked_loss and not self.mask_suffix.strip():
             raise TrainerInputError("dataset.mask_suffix: masked_loss needs a suffix naming the masks, e.g. '_mask'.")
@@ -90,6 +103,7 @@ class LoraConfig:
     text_encoder_alpha: float = 8.0
 
     def validate(self) -> "LoraConfig":
+        _check_finite("lora", self)
         if self.rank <= 0:
             raise TrainerInputError(f"lora.rank: must be a positive integer (typical 4–64), got {self.rank}.")
         if self.alpha <= 0:
@@ -145,6 +159,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
 
     def validate(self) -> "TrainConfig":
+        _check_finite("train", self)
         _check_positive("train", "steps", self.steps)
         _check_positive("train", "learning_rate", self.learning_rate)
         _check_positive("train", "batch_size", self.batch_size)
@@ -208,6 +223,7 @@ class MemoryConfig:
     vram_budget_gb: float = 0.0  # 0 = the free VRAM detected; else the most VRAM training may use (GiB)
 
     def validate(self) -> "MemoryConfig":
+        _check_finite("memory", self)
         _check_choice("memory", "preset", self.preset, self.PRESETS)
         _check_choice("memory", "base_precision", self.base_precision, BASE_PRECISIONS)
         _check_choice("memory", "lora_dtype", self.lora_dtype, LORA_DTYPES)
@@ -239,6 +255,7 @@ class SampleConfig:
     height: int = 512
 
     def validate(self) -> "SampleConfig":
+        _check_finite("sample", self)
         _check_positive("sample", "steps", self.steps)
         _check_positive("sample", "every", self.every, allow_zero=True)
         for name in ("width", "height"):
@@ -260,6 +277,10 @@ class ModelPaths:
     t5_max_length: int = 512  # 512 for FLUX.1-dev, 256 for schnell
     base_name: str = ""  # recorded in LoRA metadata; defaults to the transformer file name
 
+    def validate(self) -> "ModelPaths":
+        _check_positive("model", "t5_max_length", self.t5_max_length)
+        return self
+
 
 @dataclass
 class OutputConfig:
@@ -268,6 +289,12 @@ class OutputConfig:
     overwrite: bool = False
     resume: bool = False
     cache_folder: str = ""  # empty = <folder>/cache
+
+    def validate(self) -> "OutputConfig":
+        if not self.folder.strip():
+            raise TrainerInputError("output.folder: no folder given; set it to where the LoRA should be written.")
+        safe_output_name(self.name, "output.name")
+        return self
 
 
 @dataclass
@@ -281,7 +308,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> "RunConfig":
-        for section in (self.dataset, self.lora, self.train, self.memory, self.sample):
+        for section in (self.model, self.dataset, self.lora, self.train, self.memory, self.sample, self.output):
             section.validate()
         return self
 
@@ -301,23 +328,38 @@ class RunConfig:
 
 def _replace_checked(instance, values: dict[str, Any], where: str):
     known = {f.name: f for f in dataclasses.fields(instance)}
+    types = typing.get_type_hints(type(instance))
     converted = {}
     for key, value in values.items():
         if key not in known:
             raise TrainerInputError(f"{where}: unknown setting '{key}'; known: {', '.join(known)}.")
-        default = getattr(instance, key)
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise TrainerInputError(f"{where}: '{key}' must be true or false, got {value!r}.")
-        if isinstance(default, (int, float)) and not isinstance(default, bool):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TrainerInputError(f"{where}: '{key}' must be a number, got {value!r}.")
-            if isinstance(default, int) and not isinstance(default, bool) and not float(value).is_integer():
-                raise TrainerInputError(f"{where}: '{key}' must be a whole number, got {value!r}.")
-            value = type(default)(value)
-        if isinstance(default, list) and not isinstance(value, list):
-            value = [value]
-        converted[key] = value
+        kind = types[key]
+        if typing.get_origin(kind) is list:
+            (item_kind,) = typing.get_args(kind)
+            items = value if isinstance(value, list) else [value]
+            converted[key] = [_checked_value(item, item_kind, f"{where}: '{key}' entries") for item in items]
+        else:
+            converted[key] = _checked_value(value, kind, f"{where}: '{key}'")
     return dataclasses.replace(instance, **converted)
+
+
+def _checked_value(value, kind: type, what: str):
+    """``value`` as ``kind`` (bool, int, float or str), or an error saying what was expected."""
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise TrainerInputError(f"{what} must be true or false, got {value!r}.")
+        return value
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TrainerInputError(f"{what} must be a number, got {value!r}.")
+        if not math.isfinite(value):
+            raise TrainerInputError(f"{what} must be a finite number, got {value!r}.")
+        if kind is int and not float(value).is_integer():
+            raise TrainerInputError(f"{what} must be a whole number, got {value!r}.")
+        return kind(value)
+    if not isinstance(value, str):
+        raise TrainerInputError(f"{what} must be text (in quotes), got {value!r}.")
+    return value
 
 
 def load_run_config(path: Path) -> RunConfig:

@@ -113,8 +113,14 @@ def ensure_writable_dir(path: Path, field: str) -> Path:
     return path
 
 
+# Most file systems allow 255 bytes per name. A run's files add up to ~40 bytes to its name ("_NNN", "_ema",
+# "_kohya", ".safetensors" and the ".<name>.<8 hex>.tmp" of an atomic write): names stay well below that.
+MAX_NAME_BYTES = 150
+
+
 def safe_output_name(name: str, field: str = "output_name") -> str:
-    """Validate a user-given file stem so it cannot escape its output folder."""
+    """Validate a user-given file stem so it cannot escape its output folder, and is short enough for every file
+    the run derives from it."""
     stem = name.strip()
     if stem.endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
@@ -123,5 +129,11 @@ def safe_output_name(name: str, field: str = "output_name") -> str:
         raise TrainerInputError(
             f"{field}: '{name}' is not a valid file name. Use letters, digits, spaces, '-', '_' or '.', "
             f"without folder separators (the file always goes into the output folder)."
+        )
+    size = len(stem.encode("utf-8"))
+    if size > MAX_NAME_BYTES:
+        raise TrainerInputError(
+            f"{field}: the name is {size} bytes long; use at most {MAX_NAME_BYTES} (file systems allow 255 per "
+            f"name, and the run adds suffixes such as '_001_ema_kohya.safetensors' to it)."
         )
     return stem

@@ -11,6 +11,8 @@ import dataclasses
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError
 
 from . import checkpoint as ckpt
 from . import flow, lora, memory
@@ -33,6 +36,10 @@ from .text_conditioning import TextConditioning
 log = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Settings a resume may change (besides steps and checkpoint cadence): they steer the rest of the run but do not
+# change what was trained so far, e.g. a lower learning rate after a divergence stop.
+RESUMABLE_CHANGES = ("train.learning_rate", "train.text_encoder_lr", "train.scheduler", "train.warmup_steps",
+                     "train.scheduler_cycles", "train.scheduler_power")
 
 
 @dataclass
@@ -161,9 +168,33 @@ class TrainingSession:
     def step(self) -> float:
         """One optimizer step over ``gradient_accumulation`` micro-batches; returns the mean loss.
 
-        Raises TrainingStopped before touching the weights if the loss is not finite.
+        Raises TrainingStopped before touching the weights if the loss is not finite. Anything that stops the step
+        before the optimizer moves the weights (that, an error, a second Ctrl+C) rolls the RNGs and gradients back
+        to the step's start, so a checkpoint saved then resumes exactly.
         """
         cfg = self.train_cfg
+        rng_at_start = self.generator.get_state(), torch.get_rng_state()
+        try:
+            total = self._accumulate(cfg)
+            if not math.isfinite(total):
+                raise TrainingStopped(f"loss became {total} at step {self.step_count + 1}")
+        except BaseException:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.generator.set_state(rng_at_start[0])
+            torch.set_rng_state(rng_at_start[1])
+            raise
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.params)
+        self.step_count += 1
+        return total
+
+    def _accumulate(self, cfg: TrainConfig) -> float:
+        """Forward and backward over the step's micro-batches; returns the mean loss."""
         accum = cfg.gradient_accumulation
         total = 0.0
         for j in range(accum):
@@ -181,18 +212,13 @@ class TrainingSession:
             )
             (loss / accum).backward()
             total += loss.item() / accum
-        if not math.isfinite(total):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingStopped(f"loss became {total} at step {self.step_count + 1}")
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.step(self.params)
-        self.step_count += 1
         return total
+
+    def weights_finite(self) -> bool:
+        flags: dict[torch.device, list[torch.Tensor]] = {}  # one GPU sync per device, not one per tensor
+        for param in self.params:
+            flags.setdefault(param.device, []).append(torch.isfinite(param).all())
+        return all(bool(torch.stack(group).all()) for group in flags.values())
 
     @property
     def lr(self) -> float:
@@ -238,8 +264,17 @@ class TrainingSession:
                 for i, shadow in enumerate(self.ema.shadow_params):
                     shadow.copy_(state.ema[str(i)])
             self.ema.optimization_step = int(state.ema["optimization_step"])
+        configured_lrs = list(self.scheduler.base_lrs)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
+        if type(self.scheduler) is torch.optim.lr_scheduler.LambdaLR:  # not Adafactor's self-schedule
+            # The learning rate and schedule may change on resume (RESUMABLE_CHANGES): the restored step count
+            # continues under the current settings, whose schedule functions the scheduler already holds.
+            self.scheduler.base_lrs = configured_lrs
+            for group, base, factor in zip(self.optimizer.param_groups, configured_lrs, self.scheduler.lr_lambdas):
+                group["initial_lr"] = base
+                group["lr"] = base * factor(self.scheduler.last_epoch)
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.generator.set_state(state.rng["generator"])
         torch.set_rng_state(state.rng["torch"])
         self.step_count = state.step
@@ -332,7 +367,9 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog, ou
             log.info("resume: no checkpoint in %s, starting at step 0", checkpoint_dir)
         else:
             state = ckpt.load_checkpoint(path)
-            ckpt.check_fingerprint(state.fingerprint, session.fingerprint(), path)
+            changes = ckpt.check_fingerprint(state.fingerprint, session.fingerprint(), path, RESUMABLE_CHANGES)
+            if changes:
+                log.info("resume: continuing with changed settings: %s", "; ".join(changes))
             session.load_state(state)
             losses = state.losses
             resumed_from = state.step
@@ -348,12 +385,17 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog, ou
         return last_checkpoint
 
     started = time.perf_counter()
+    ctrl_c = _CtrlCBetweenSteps()
     try:
         while session.step_count < cfg.steps:
+            if ctrl_c.requested:
+                raise KeyboardInterrupt
             if callbacks.should_stop():
                 raise TrainingStopped(f"stopped at step {session.step_count} on request")
             t0 = time.perf_counter()
             loss = session.step()
+            if not session.weights_finite():
+                raise TrainingStopped(f"the LoRA weights became non-finite at step {session.step_count}")
             losses.append(loss)
             metrics.append({"step": session.step_count, "loss": loss, "lr": session.lr})
             callbacks.on_step(StepInfo(session.step_count, cfg.steps, loss, session.lr, time.perf_counter() - t0))
@@ -362,22 +404,20 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog, ou
             if validation and validation.config.every and session.step_count % validation.config.every == 0:
                 callbacks.on_sample(session.step_count, session.sample(validation))
     except BaseException as exc:
-        # Interrupt, error or non-finite loss: the weights are those of the last good step — keep them.
-        if session.step_count > resumed_from or last_checkpoint is None:
+        # Interrupt, error or divergence: keep the weights of the last completed step, unless they are not finite —
+        # those are never saved, so the newest checkpoint on disk is the last finite one.
+        finite = session.weights_finite()
+        if finite and (session.step_count > resumed_from or last_checkpoint is None):
             path = save_checkpoint()
         else:
-            path = last_checkpoint
+            path = last_checkpoint if finite else ckpt.latest_checkpoint(checkpoint_dir)
         log.warning("training stopped at step %d (%s); resumable checkpoint: %s", session.step_count,
                     str(exc) or type(exc).__name__, path)
         if isinstance(exc, TrainingStopped):
-            exc.checkpoint = path
-            raise TrainingStopped(
-                f"{exc} — resumable checkpoint kept at '{path}'. "
-                + ("Lower the learning rate or check the dataset, then resume." if "loss became" in str(exc)
-                   else "Run again with resume on to continue."),
-                checkpoint=path,
-            ) from exc
+            raise TrainingStopped(_stop_message(exc, path, finite), checkpoint=path) from exc
         raise
+    finally:
+        ctrl_c.restore()
 
     elapsed = time.perf_counter() - started
     meta = {
@@ -391,8 +431,18 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog, ou
         "dataset_hash": session.cache.fingerprint,
         "training_settings": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
     }
-    lora_path, extra_files = _save_adapters(session, output_dir, name, meta, overwrite)
+    # The checkpoint first: if the LoRA cannot be written (a full disk, which no check beforehand can know),
+    # the finished run is kept and a resume writes the LoRA without training again.
     final_checkpoint = save_checkpoint()
+    try:
+        lora_path, extra_files = _save_adapters(session, output_dir, name, meta, overwrite)
+    except (OSError, SafetensorError) as exc:
+        reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+        raise TrainingStopped(
+            f"could not write the LoRA to '{output_dir}' ({reason}); the finished run is kept in checkpoint "
+            f"'{final_checkpoint}': free some space, then run again with resume on to write the LoRA.",
+            checkpoint=final_checkpoint,
+        ) from exc
     if validation and validation.embeddings:
         callbacks.on_sample(session.step_count, session.sample(validation))
     log.info("trained %d steps in %.1f s; LoRA: %s", session.step_count - resumed_from, elapsed, lora_path)
@@ -401,6 +451,44 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog, ou
 
 def _adapter_file_name(stem: str, fmt: str) -> str:
     return f"{stem}{'' if fmt == 'default' else '_' + fmt}.safetensors"
+
+
+def _stop_message(exc: TrainingStopped, path: Path | None, finite: bool) -> str:
+    if not finite:
+        kept = (f"the last finite checkpoint is '{path}'" if path else
+                "no checkpoint with finite weights exists, so start again")
+        return (f"{exc}; non-finite weights are never saved — {kept}. Lower the learning rate or check the dataset, "
+                f"then {'resume' if path else 'train'}.")
+    advice = ("Lower the learning rate or check the dataset, then resume." if "loss became" in str(exc)
+              else "Run again with resume on to continue.")
+    return f"{exc} — resumable checkpoint kept at '{path}'. {advice}"
+
+
+class _CtrlCBetweenSteps:
+    """Ctrl+C (SIGINT) lets the step in flight finish and sets ``requested``; the loop then stops between steps,
+    so the checkpoint it saves resumes exactly. A second Ctrl+C stops at once (the step rolls back, see
+    TrainingSession.step).
+
+    Only where Python's own handler is installed on the main thread (the CLI); elsewhere (ComfyUI runs nodes in a
+    worker thread) nothing changes and ``requested`` stays False.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl+C: stopping after the current step (press again to stop at once)")
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _save_adapters(session: TrainingSession, output_dir: Path, name: str, meta: dict[str, str],

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 SAMPLES_DIR = Path(__file__).parent / "samples"  # bundled demo images with captions
 MAX_ASPECT = 2.0  # wider/taller images are cropped to a 2:1 bucket
+# 16-bit grey as Pillow opens it (16-bit PNGs open as "I" in older Pillow versions, "I;16" in newer ones).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,17 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
     return pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)
 
 
-def scan_dataset(cfg: DatasetConfig) -> list[DatasetItem]:
+def scan_dataset(cfg: DatasetConfig, allowed_roots: Sequence[Path] | None = None) -> list[DatasetItem]:
     """Items for every supported image in ``cfg.folder``: one per (image, resolution), plus a flipped twin
-    when ``cfg.flip``. Files are taken in name order, so the item order is stable."""
+    when ``cfg.flip``. Files are taken in name order, so the item order is stable.
+
+    ``allowed_roots``: folders that the dataset folder and every file read (images, captions, masks) must lie
+    in once symbolic links are resolved (a server's policy); None reads wherever the links lead.
+    """
     cfg.validate()
     folder = _check_folder(cfg.folder)
+    roots = None if allowed_roots is None else [Path(r).resolve() for r in allowed_roots]
+    _check_inside(folder, roots, "dataset.folder")
     files = sorted(
         (p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")), key=lambda p: p.name.lower()
     )
@@ -118,10 +126,11 @@ def scan_dataset(cfg: DatasetConfig) -> list[DatasetItem]:
         )
     items: list[DatasetItem] = []
     for path in images:
+        _check_inside(path, roots, "dataset image")
         data = _read_bytes(path)
         size = _decode(data, f"dataset image '{path}'").size
-        caption = with_trigger(_caption_for(path, cfg), cfg.trigger_word)
-        mask = _mask_for(path, size, masks.get(path))
+        caption = with_trigger(_caption_for(path, cfg, roots), cfg.trigger_word)
+        mask = _mask_for(path, size, masks.get(path), roots)
         items += _items_for(path, size, hashlib.sha256(data).hexdigest(), caption, cfg, f"dataset image '{path}'",
                             mask=mask)
     log.info("dataset: %d images → %d items from %s", len(images), len(items), folder)
@@ -340,6 +349,14 @@ def _check_folder(folder: str) -> Path:
     return path
 
 
+def _check_inside(path: Path, roots: list[Path] | None, label: str) -> None:
+    if roots is not None and not any(path.resolve().is_relative_to(root) for root in roots):
+        raise TrainerInputError(
+            f"{label} '{path}' is a link that leads outside the folders this server lets nodes read. Put the file "
+            f"itself in the dataset folder instead of a link to it."
+        )
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -369,9 +386,10 @@ def _pair_masks(images: list[Path], suffix: str) -> tuple[dict[Path, Path], list
     return pairs, training
 
 
-def _mask_for(image: Path, size: tuple[int, int], mask: Path | None) -> tuple | None:
+def _mask_for(image: Path, size: tuple[int, int], mask: Path | None, roots: list[Path] | None) -> tuple | None:
     if mask is None:
         return None
+    _check_inside(mask, roots, "mask")
     data = _read_bytes(mask)
     mask_size = _decode(data, f"mask '{mask}'", mode="L").size
     if mask_size != size:
@@ -392,6 +410,10 @@ def _decode(data: bytes, label: str, mode: str = "RGB") -> Image.Image:
         raise TrainerInputError(
             f"{label} is corrupt or not an image ({exc}). Re-export it as PNG or JPEG, or remove it from the folder."
         ) from exc
+    if img.mode in _SIXTEEN_BIT_MODES:
+        # convert() would clip 16-bit grey at 255 (a nearly white image): scale the full range to 8 bits instead.
+        grey = np.asarray(img).astype(np.float64) * (255 / 65535)
+        img = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8), "L")
     if mode == "L":  # a mask: grey levels are loss weights
         return img.convert("L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -401,12 +423,13 @@ def _decode(data: bytes, label: str, mode: str = "RGB") -> Image.Image:
     return img.convert("RGB")
 
 
-def _caption_for(image: Path, cfg: DatasetConfig) -> str:
+def _caption_for(image: Path, cfg: DatasetConfig, roots: list[Path] | None) -> str:
     path = image.with_suffix(_caption_ext(cfg))
     if not path.is_file():
         if cfg.caption_fallback == "stem":
             return image.stem.replace("_", " ").strip()
         return ""
+    _check_inside(path, roots, "caption file")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -208,11 +208,23 @@ def _load_vae_folder(folder: Path, dtype: torch.dtype, device):
     if config.get("latent_channels") != LATENT_CHANNELS:
         raise TrainerInputError(_latent_channels_message(config.get("latent_channels"), str(folder)))
     try:
-        vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+        vae, info = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
+                                                  output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise TrainerInputError(f"Could not load the VAE from {folder}: {exc}. Check that its weight file is "
                                 "complete.") from exc
+    _refuse_missing_weights(info, folder, "VAE")
     return vae.to(device).eval()
+
+
+def _refuse_missing_weights(info: dict, folder: Path, what: str) -> None:
+    """A folder whose weights lack tensors the model needs loads them as random numbers, silently: refuse it."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise TrainerInputError(
+            f"{folder}: the {what} weights lack {len(missing)} of the model's tensors (e.g. {', '.join(missing[:3])}); "
+            f"they would be random. The folder holds another model or an incomplete download — give the {what} "
+            f"folder (or file) and download it again if in doubt.")
 
 
 def load_vae(path: PathLike, dtype: torch.dtype | None = None, device="cpu") -> DiffusersVAE:
@@ -408,16 +420,24 @@ def _build_encoder(kind: str, src: TensorReader, dtype: torch.dtype, device):
     return model.eval()
 
 
+_MODEL_TYPES = {"clip": ("clip_text_model", "clip"), "t5": ("t5", "umt5")}  # config.json model_type per kind
+
+
 def _load_encoder_folder(kind: str, folder: Path, dtype: torch.dtype, device):
     from transformers import CLIPTextModel, T5EncoderModel
 
     what = _ENCODERS[kind][0]
     folder = _config_folder(folder, "text_encoder" if kind == "clip" else "text_encoder_2", what)
+    model_type = _read_json(folder / "config.json").get("model_type")
+    if model_type not in _MODEL_TYPES[kind]:
+        raise TrainerInputError(f"{folder} holds a '{model_type}' model, not the {what} (model_type "
+                                f"{' or '.join(_MODEL_TYPES[kind])}); the CLIP-L and T5 folders may be swapped.")
     cls = CLIPTextModel if kind == "clip" else T5EncoderModel
     try:
-        model = cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+        model, info = cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise TrainerInputError(f"Could not load the {what} from {folder}: {exc}.") from exc
+    _refuse_missing_weights(info, folder, what)
     return model.to(device).eval()
 
 

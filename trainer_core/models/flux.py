@@ -423,9 +423,9 @@ def _build(config: dict, sd: dict[str, torch.Tensor], name: str):
     return model.eval()
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, device):
-    from diffusers import FluxTransformer2DModel
-
+def _folder_subdir(folder: Path) -> str | None:
+    """The subfolder of a diffusers FLUX.1 folder that holds the transformer (None: the folder itself), after
+    checking its config names a FLUX.1 transformer and weights sit beside it."""
     sub = None
     if not (folder / "config.json").is_file():
         if (folder / "transformer" / "config.json").is_file():
@@ -441,13 +441,39 @@ def _load_folder(folder: Path, dtype: torch.dtype, device):
     if class_name != "FluxTransformer2DModel":
         raise TrainerInputError(f"{config_path} describes a {class_name}, not a FLUX.1 transformer "
                                 "(FluxTransformer2DModel); point to the FLUX.1 transformer folder.")
+    if not any(config_path.parent.glob("*.safetensors")):
+        raise TrainerInputError(f"transformer folder {config_path.parent} has a config.json but no .safetensors "
+                                "weights (diffusion_pytorch_model*.safetensors); the download is incomplete.")
+    return sub
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, device):
+    from diffusers import FluxTransformer2DModel
+
+    sub = _folder_subdir(folder)
     try:
-        model = FluxTransformer2DModel.from_pretrained(folder, subfolder=sub, torch_dtype=dtype,
-                                                       local_files_only=True, low_cpu_mem_usage=True)
+        model, info = FluxTransformer2DModel.from_pretrained(folder, subfolder=sub, torch_dtype=dtype,
+                                                             local_files_only=True, low_cpu_mem_usage=True,
+                                                             output_loading_info=True)
     except (OSError, SafetensorError, ValueError) as exc:
         raise TrainerInputError(f"Could not load the FLUX.1 transformer from {folder}: {exc}. Check that the weight "
                                 "files are complete (download them again if in doubt).") from exc
+    missing = sorted(info["missing_keys"])
+    if missing:  # diffusers leaves them randomly initialised
+        raise TrainerInputError(f"{folder}: the FLUX.1 transformer weights lack {len(missing)} tensors (e.g. "
+                                f"{', '.join(missing[:3])}); the download is incomplete — download it again.")
     return model.to(device).eval()
+
+
+def check_flux_transformer(path: str | Path) -> None:
+    """Refuse a file or folder that is not a complete FLUX.1 transformer, reading only its header or config —
+    so a wrong file is reported before any slow work (caching), not when it is loaded."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        _folder_subdir(path)
+        return
+    with open_safetensors(path, "FLUX.1 transformer file") as handle:
+        _infer(TensorReader.from_file(handle, path))
 
 
 def load_flux_transformer(source: Source, dtype: torch.dtype = torch.bfloat16, device="cpu"):
