@@ -418,7 +418,7 @@ def tiny_flux2_config(variant: str = "klein") -> dict:
         "patch_size": 1,
         "in_channels": LATENT_CHANNELS,
         "out_channels": None,
-        "num_layers": 1 if dev else 2,
+        "num_layers": 1,
         "num_single_layers": 3 if dev else 2,
         "attention_head_dim": 32,
         "num_attention_heads": 4,
@@ -432,15 +432,12 @@ def tiny_flux2_config(variant: str = "klein") -> dict:
     }
 
 
-_MODULATION_GAIN = 0.1  # global modulation weights scaled down: small gated block updates on the skip path
-
-
 def build_tiny_flux2_transformer(variant: str = "klein", seed: int = 0, prior_init: bool = True):
     """A tiny fp32 ``Flux2Transformer2DModel`` from ``seed``.
 
-    With ``prior_init`` it starts near a trained flow model's skip path (as ``tiny.build_tiny_transformer`` does
-    for FLUX.1): the input and output projections are orthonormal inverses, the final norm is plain, and the
-    global modulation is scaled down so each block adds a small update — a LoRA then has something to learn.
+    With ``prior_init`` it starts on a skip path, as ``tiny.build_tiny_transformer`` does for FLUX.1: the input
+    and output projections are orthonormal inverses and the final norm is plain, so a token passes through the
+    blocks' gated updates unchanged — a LoRA then learns content instead of undoing random projections.
     """
     from diffusers import Flux2Transformer2DModel
 
@@ -453,7 +450,4 @@ def build_tiny_flux2_transformer(variant: str = "klein", seed: int = 0, prior_in
                 model.x_embedder.weight.copy_(basis)
                 model.proj_out.weight.copy_(basis.T)
                 model.norm_out.linear.weight.zero_()
-                for mod in (model.double_stream_modulation_img, model.double_stream_modulation_txt,
-                            model.single_stream_modulation):
-                    mod.linear.weight.mul_(_MODULATION_GAIN)
     return model
