@@ -193,7 +193,7 @@ def test_flux2_and_flux1_files_are_told_apart(tmp_path):
         load_flux_transformer(flux2_file, dtype=torch.float32)
     with pytest.raises(TrainerInputError, match=r"not a FLUX\.2 transformer: it is a FLUX\.1 transformer"):
         flux2.load_flux2_transformer(flux1_file, dtype=torch.float32)
-    with pytest.raises(TrainerInputError, match="neither a FLUX.1 nor a FLUX.2 transformer"):
+    with pytest.raises(TrainerInputError, match="neither a FLUX.1 nor a FLUX.2 transformer: it looks like a VAE"):
         detect_family({"encoder.down.0.weight": torch.zeros(1)})
 
 

@@ -199,9 +199,11 @@ def _family_of_keys(keys: Iterable[str], what: str) -> ModelFamily:
         return FLUX2
     if names & {"img_in.weight", "x_embedder.weight"}:
         return FLUX1
-    sample = ", ".join(sorted(names)[:3]) or "none"
+    guess = flux._guess(names)  # what such a file is (a VAE, a text encoder, a LoRA …), when recognisable
+    found = f"it looks like {guess}" if guess else \
+        f"found {len(names)} tensors such as {', '.join(sorted(names)[:3]) or 'none'}"
     raise TrainerInputError(
-        f"{what} is neither a FLUX.1 nor a FLUX.2 transformer (found {len(names)} tensors such as {sample}). "
+        f"{what} is neither a FLUX.1 nor a FLUX.2 transformer: {found}. "
         "Choose a FLUX.1 (dev, schnell) or FLUX.2 (klein base, dev) transformer from ComfyUI's "
         "models/diffusion_models, or a diffusers transformer folder.")
 
