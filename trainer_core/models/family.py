@@ -69,6 +69,11 @@ class ModelFamily:
         take, naming where they came from, before a step fails inside a matmul."""
         raise NotImplementedError
 
+    def diffusers_module_to_bfl(self, name: str, inner_dim: int) -> tuple[str, slice | None]:
+        """The BFL module (kohya / ComfyUI LoRA key stem) holding diffusers module ``name`` and its rows in that
+        fused weight (None: one to one); ValueError for modules without a counterpart."""
+        raise NotImplementedError
+
     def model_class(self):
         import diffusers
 
@@ -140,6 +145,9 @@ class Flux1Family(ModelFamily):
                 f"FLUX.1 transformer takes T5 states {want[0]} wide and a CLIP-L pooled vector of {want[1]}. "
                 "Cache the captions with the text encoders of this model (CLIPLoader type flux: clip_l + t5xxl).")
 
+    def diffusers_module_to_bfl(self, name, inner_dim):
+        return flux.diffusers_module_to_bfl(name, inner_dim)
+
     def load_transformer(self, source, dtype=torch.bfloat16, device="cpu"):
         return flux.load_flux_transformer(source, dtype=dtype, device=device)
 
@@ -183,6 +191,9 @@ class Flux2Family(ModelFamily):
                 f"{want} wide (klein-4B: Qwen3-4B → 7680, klein-9B: Qwen3-8B → 12288, dev: Mistral-3 → 15360). "
                 "Cache the captions with this model's text encoder (CLIPLoader type flux2); FLUX.1 embeddings "
                 "(T5 + CLIP-L) do not fit FLUX.2.")
+
+    def diffusers_module_to_bfl(self, name, inner_dim):
+        return flux2.diffusers_module_to_bfl(name, inner_dim)
 
     def load_transformer(self, source, dtype=torch.bfloat16, device="cpu"):
         return flux2.load_flux2_transformer(source, dtype=dtype, device=device)
