@@ -151,8 +151,8 @@ def test_flux2_loads_from_comfyui_file_diffusers_folder_and_state_dict(tmp_path,
     model = flux2.build_tiny_flux2_transformer(variant, seed=3, prior_init=False)
     expected = _velocity(model, variant)
     comfy_file = tmp_path / "flux2.safetensors"  # ComfyUI's layout: BFL keys behind model.diffusion_model.
-    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in flux2.diffusers_to_bfl(model.state_dict()).items()},
-              str(comfy_file))
+    bfl = flux2.diffusers_to_bfl(model.state_dict())
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in bfl.items()}, str(comfy_file))
     model.save_pretrained(tmp_path / "folder")
     weights = model.state_dict()
     for source in (comfy_file, tmp_path / "folder", weights):

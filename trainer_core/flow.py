@@ -82,8 +82,8 @@ def predict_velocity(
     device = x_t.device
     out = family.call_transformer(
         transformer, family.pack_latents(x_t).to(dtype), sigma.to(device, dtype), hidden.to(device, dtype),
-        pooled.to(device, dtype), family.image_ids(h, w, device=device), family.text_ids(hidden.shape[1], device=device),
-        guidance, dtype)
+        pooled.to(device, dtype), family.image_ids(h, w, device=device),
+        family.text_ids(hidden.shape[1], device=device), guidance, dtype)
     return family.unpack_latents(out.float(), h, w)
 
 

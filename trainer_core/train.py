@@ -52,7 +52,8 @@ class Callbacks:
         pass
 
     def on_sample(self, step: int, latents: torch.Tensor) -> None:
-        """Validation latents (model space, [N, 16, h, w]) every ``sample.every`` steps and at the end."""
+        """Validation latents (model space, the family's layout: [N, 16, H/8, W/8] FLUX.1, [N, 128, H/16, W/16] FLUX.2)
+        every ``sample.every`` steps and at the end."""
 
     def on_checkpoint(self, path: Path) -> None:
         pass

@@ -51,7 +51,7 @@ def flux2_config(name: str) -> dict:
 # Latents, position ids, schedule
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] → [B, H·W, C]: one token per latent cell, row-major (diffusers' ``Flux2Pipeline._pack_latents``)."""
+    """[B, C, H, W] → [B, H·W, C]: one token per latent cell, row-major (as ``Flux2Pipeline._pack_latents``)."""
     b, c, h, w = latents.shape
     return latents.reshape(b, c, h * w).permute(0, 2, 1)
 
@@ -299,7 +299,7 @@ def _convert(src: TensorReader, entries: list[_Entry], bfl: bool, dtype, device)
 
 def bfl_to_diffusers(sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
                      ) -> tuple[dict[str, torch.Tensor], dict]:
-    """BFL-format FLUX.2 state dict (optionally behind ``model.diffusion_model.``) → (diffusers state dict, config)."""
+    """BFL-format FLUX.2 state dict (optionally under ``model.diffusion_model.``) → (diffusers state dict, config)."""
     src = TensorReader.from_dict(sd)
     entries, config, bfl = _infer(src)
     if not bfl:
