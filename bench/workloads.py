@@ -127,7 +127,7 @@ class BaselineLoop:
         self.index = 0
 
     def step(self) -> float:
-        from trainer_core import flow
+        from trainer_core.models.family import FLUX1
 
         x0 = self.cache.latent(self.index % len(self.cache))[None].to(self.device, self.dtype)
         hidden, pooled = (t[None].to(self.device, self.dtype) for t in self.cache.text(0))
@@ -138,13 +138,13 @@ class BaselineLoop:
         _, _, h, w = x0.shape
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             pred = self.model(
-                hidden_states=flow.pack_latents(x_t), encoder_hidden_states=hidden, pooled_projections=pooled,
-                timestep=sigma.to(self.dtype), img_ids=flow.latent_image_ids(h, w, device=self.device),
-                txt_ids=flow.text_ids(hidden.shape[1], device=self.device),
+                hidden_states=FLUX1.pack_latents(x_t), encoder_hidden_states=hidden, pooled_projections=pooled,
+                timestep=sigma.to(self.dtype), img_ids=FLUX1.image_ids(h, w, device=self.device),
+                txt_ids=FLUX1.text_ids(hidden.shape[1], device=self.device),
                 guidance=torch.ones(1, device=self.device, dtype=self.dtype) if self.model.config.guidance_embeds else None,
                 return_dict=False,
             )[0]
-        loss = F.mse_loss(flow.unpack_latents(pred.float(), h, w), (noise - x0).float())
+        loss = F.mse_loss(FLUX1.unpack_latents(pred.float(), h, w), (noise - x0).float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from trainer_core import flow
+from trainer_core.models.family import FLUX1
 from trainer_core.models.tiny import build_tiny_transformer
 
 
@@ -26,9 +27,9 @@ def reference_ids(h, w):
 
 def test_pack_matches_reference_and_round_trips():
     x = torch.randn(2, 16, 6, 8)
-    assert torch.equal(flow.pack_latents(x), reference_pack(x))
-    assert torch.equal(flow.unpack_latents(flow.pack_latents(x), 6, 8), x)
-    assert torch.equal(flow.latent_image_ids(6, 8), reference_ids(6, 8))
+    assert torch.equal(FLUX1.pack_latents(x), reference_pack(x))
+    assert torch.equal(FLUX1.unpack_latents(FLUX1.pack_latents(x), 6, 8), x)
+    assert torch.equal(FLUX1.image_ids(6, 8), reference_ids(6, 8))
 
 
 def test_loss_equals_independent_reference_computation():
@@ -63,17 +64,18 @@ def test_euler_sampler_recovers_x0_on_an_exact_straight_flow():
         config = type("Config", (), {"guidance_embeds": False})()
 
         def forward(self, hidden_states, **kwargs):
-            return (flow.pack_latents(noise - x0),)
+            return (FLUX1.pack_latents(noise - x0),)
 
-    out = flow.euler_sample(StraightFlow(), noise, torch.zeros(1, 3, 8), torch.zeros(1, 8), 1.0, steps=7)
+    out = flow.euler_sample(StraightFlow(), noise, torch.zeros(1, 3, 8), torch.zeros(1, 8), 1.0, steps=7,
+                             family=FLUX1)
     assert torch.allclose(out, x0, atol=1e-5)
 
 
 def test_flux_shift_values_match_reference():
     # reference.md §1: shift 1.878 at 512², 2.332 at 768², 3.158 at 1024²
     for side, expected in ((512, 1.878), (768, 2.332), (1024, 3.158)):
-        tokens = flow.image_token_count(side // 8, side // 8)
-        assert flow.flux_shift(tokens) == pytest.approx(expected, abs=2e-3)
+        tokens = FLUX1.image_token_count(side // 8, side // 8)
+        assert FLUX1.resolution_shift(tokens) == pytest.approx(expected, abs=2e-3)
     assert flow.shift_sigmas(torch.tensor(0.5), 3.0).item() == pytest.approx(0.75)
 
 

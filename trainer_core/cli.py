@@ -280,7 +280,7 @@ _OVERRIDES = {
 
 def cmd_train(args) -> int:
     from .models.encoders import load_text_encoders, load_vae
-    from .models.flux import check_flux_transformer, load_flux_transformer
+    from .models.family import check_transformer, load_transformer
 
     run = load_run_config(Path(args.config)) if args.config else RunConfig()
     for flag, (section, name, _) in _OVERRIDES.items():
@@ -301,12 +301,12 @@ def cmd_train(args) -> int:
     if not run.dataset.folder:
         raise TrainerInputError("[dataset] folder: no dataset folder given; set it in the config or use --dataset.")
     # The transformer is loaded only after caching (minutes with a real T5): read its family from the file now.
-    check_flux_transformer(paths.transformer)
+    check_transformer(paths.transformer)
     out = Path(run.output.folder)
     dtype = torch.bfloat16 if run.train.compute_dtype == "bf16" else torch.float32
     base_name = paths.base_name or Path(paths.transformer).name
     return run_training(
-        lambda: load_flux_transformer(paths.transformer, dtype=dtype),
+        lambda: load_transformer(paths.transformer, dtype=dtype),  # FLUX.1 or FLUX.2, read from the weights
         load_vae(paths.vae, device=device),
         load_text_encoders(paths.clip_l, paths.t5, tokenizer_dir=paths.tokenizers or None,
                            t5_max_length=paths.t5_max_length, device=device),

@@ -46,8 +46,9 @@ class FluxLayout:
     """Which diffusers modules of a FLUX transformer make up each BFL weight, and at which rows."""
 
     def __init__(self, transformer: torch.nn.Module):
-        from .models.flux import diffusers_module_to_bfl
+        from .models.family import detect_family
 
+        diffusers_module_to_bfl = detect_family(transformer).diffusers_module_to_bfl
         cfg = transformer.config
         width = cfg.num_attention_heads * cfg.attention_head_dim
         self.transformer = transformer

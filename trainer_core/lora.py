@@ -43,6 +43,7 @@ from safetensors import SafetensorError, safe_open
 from .config import LoraConfig
 from .errors import TrainerInputError
 from .fileio import save_safetensors, unique_path
+from .models.family import FLUX1, detect_family
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +92,16 @@ T5_TARGETS = r"encoder\.block\.\d+\.layer\.(0\.SelfAttention\.(q|k|v|o)|1\.Dense
 def resolve_targets(targets: str, transformer: torch.nn.Module | None = None) -> str:
     """A preset name, or a regex over full module names (e.g. ``transformer_blocks\\.0\\.attn\\.to_q``).
 
-    "tiny" and "nano" depend on the depth of ``transformer`` (FLUX.1's 38 single blocks when it is None).
+    Presets are those of the family of ``transformer``, and "tiny" and "nano" depend on its depth (FLUX.1's
+    presets and 38 single blocks when it is None).
     """
+    family = detect_family(transformer) if transformer is not None else FLUX1
     if targets in TARGET_PRESETS:
-        return TARGET_PRESETS[targets]
+        return family.target_presets[targets]
     if targets in SIZED_PRESETS:
         n = len(transformer.single_transformer_blocks) if transformer is not None else _FLUX_SINGLE_BLOCKS
         blocks = sorted({min(n - 1, round(i * n / _FLUX_SINGLE_BLOCKS)) for i in SIZED_PRESETS[targets]})
-        return "|".join(rf"single_transformer_blocks\.{i}\.proj_out" for i in blocks)
+        return "|".join(family.single_output.format(index=i) for i in blocks)
     try:
         re.compile(targets)
     except re.error as exc:

@@ -30,6 +30,7 @@ from .data.dataset import BatchOrder
 from .errors import TrainerInputError, TrainingStopped
 from .fileio import ensure_writable_dir, remove_stale_temp_files, safe_output_name
 from .metrics import MetricsLog
+from .models.family import ModelFamily, detect_family
 from .optim import build_optimizer, build_scheduler
 from .text_conditioning import TextConditioning
 
@@ -58,7 +59,8 @@ class Callbacks:
         pass
 
     def on_sample(self, step: int, latents: torch.Tensor) -> None:
-        """Validation latents (model space, [N, 16, h, w]) every ``sample.every`` steps and at the end."""
+        """Validation latents (model space, the family's layout: [N, 16, H/8, W/8] FLUX.1, [N, 128, H/16, W/16] FLUX.2)
+        every ``sample.every`` steps and at the end."""
 
     def on_checkpoint(self, path: Path) -> None:
         pass
@@ -86,15 +88,17 @@ class ValidationPrompts:
 
 
 @torch.no_grad()
-def sample_validation(transformer, prompts: ValidationPrompts, device, dtype=torch.float32) -> torch.Tensor:
+def sample_validation(transformer, prompts: ValidationPrompts, device, dtype=torch.float32,
+                      family: ModelFamily | None = None) -> torch.Tensor:
     """Euler-sample one latent per validation prompt; fixed noise seed, so samples compare across time."""
     cfg = prompts.config
+    family = family or detect_family(transformer)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = []
     for hidden, pooled in prompts.embeddings:
-        noise = torch.randn((1, 16, cfg.height // 8, cfg.width // 8), generator=gen).to(device)
+        noise = torch.randn((1, *family.latent_shape(cfg.height, cfg.width)), generator=gen).to(device)
         latent = flow.euler_sample(transformer, noise, hidden[None].to(device), pooled[None].to(device),
-                                   cfg.guidance, cfg.steps, dtype=dtype)
+                                   cfg.guidance, cfg.steps, dtype=dtype, family=family)
         out.append(latent.cpu())
     return torch.cat(out)
 
@@ -126,6 +130,8 @@ class TrainingSession:
         if len(cache) == 0:
             raise TrainerInputError("dataset: the cache holds no images; add images to the dataset folder.")
         self.cache = cache
+        self.family = detect_family(transformer)
+        self.family.check_text_conditioning(transformer.config, *cache.text(0), "cache")
         self.device = torch.device(device) if device is not None else default_device()
         # The preset becomes concrete knobs here, and a plan that will not fit the VRAM is refused before any
         # weight moves; the preset may also set the batch size and optimizer.
@@ -201,14 +207,16 @@ class TrainingSession:
             x0, hidden, pooled, weight = self._batch(self.step_count * accum + j)
             noise = torch.randn(x0.shape, generator=self.generator)
             sigma = flow.sample_sigmas(
-                x0.shape[0], cfg.timestep_sampling, flow.image_token_count(*x0.shape[-2:]), self.generator,
+                x0.shape[0], cfg.timestep_sampling, self.family.image_token_count(*x0.shape[-2:]), self.generator,
                 mean=cfg.sigmoid_mean, std=cfg.sigmoid_std, scale=cfg.sigmoid_scale, shift=cfg.shift,
+                family=self.family,
             )
             x0, noise, sigma = (t.to(self.device) for t in (x0, noise, sigma))
             loss = flow.flow_matching_loss(
                 self.transformer, x0.to(self.dtype), noise.to(self.dtype), sigma, hidden.to(self.device),
                 pooled.to(self.device), cfg.guidance, loss_type=cfg.loss_type,
                 weight=weight.to(self.device) if weight is not None else None, dtype=self.dtype, huber_c=cfg.huber_c,
+                family=self.family,
             )
             (loss / accum).backward()
             total += loss.item() / accum
@@ -280,7 +288,7 @@ class TrainingSession:
         self.step_count = state.step
 
     def sample(self, prompts: ValidationPrompts) -> torch.Tensor:
-        return sample_validation(self.transformer, prompts, self.device, self.dtype)
+        return sample_validation(self.transformer, prompts, self.device, self.dtype, self.family)
 
     def close(self) -> None:
         self.memory.close()

@@ -112,10 +112,11 @@ def _meta_model(model_config: dict | None) -> nn.Module:
 
 @functools.lru_cache(maxsize=8)
 def _meta_model_cached(config_json: str) -> nn.Module:
-    from diffusers import FluxTransformer2DModel
+    from ..models.family import detect_family
 
+    config = json.loads(config_json)
     with torch.device("meta"):
-        return FluxTransformer2DModel(**json.loads(config_json))
+        return detect_family(config).model_class()(**config)
 
 
 def _linear_bytes(linear: nn.Linear, precision: str, compute_bytes: int) -> int:

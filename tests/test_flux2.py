@@ -1,0 +1,351 @@
+"""FLUX.2 (klein base, dev) behind the model-family seam: the objective equals diffusers' FLUX.2 recipes, weights
+convert BFL ⇄ diffusers exactly, the family is detected from the weights, and a tiny FLUX.2 trains through
+``train_lora`` into a LoRA that diffusers' FLUX.2 loaders apply to identical outputs."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from trainer_core import flow, lora
+from trainer_core.config import LoraConfig, SampleConfig, TrainConfig
+from trainer_core.data.cache import LatentCache
+from trainer_core.errors import TrainerInputError
+from trainer_core.memory.estimate import estimate_vram
+from trainer_core.models import family, flux2
+from trainer_core.models.family import FLUX1, FLUX2, detect_family
+from trainer_core.models.flux import diffusers_to_bfl as flux1_diffusers_to_bfl
+from trainer_core.models.flux import load_flux_transformer
+from trainer_core.models.tiny import build_tiny_transformer
+from trainer_core.train import Callbacks, TrainingSession, ValidationPrompts, train_lora
+
+VARIANTS = ["klein", "dev"]
+
+
+def _text_width(variant):
+    return flux2.tiny_flux2_config(variant)["joint_attention_dim"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The objective against diffusers' reference recipes (examples/dreambooth/train_dreambooth_lora_flux2[_klein].py)
+
+def _recipe_loss(transformer, vae_latents, bn_mean, bn_std, noise, u, prompt_embeds, guidance_scale):
+    """The recipes' training step, written with diffusers' own pipeline helpers and scheduler, minus the optimizer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    # FLUX.2's scheduler config: dynamic shifting, so its training sigmas are the unshifted grid
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, time_shift_type="exponential")
+    model_input = Flux2KleinPipeline._patchify_latents(vae_latents)
+    model_input = (model_input - bn_mean) / bn_std
+    model_input_ids = Flux2KleinPipeline._prepare_latent_ids(model_input)
+    text_ids = Flux2KleinPipeline._prepare_text_ids(prompt_embeds)
+    indices = (u * scheduler.config.num_train_timesteps).long()
+    timesteps = scheduler.timesteps[indices]
+    step_indices = [(scheduler.timesteps == t).nonzero().item() for t in timesteps]
+    sigmas = scheduler.sigmas[step_indices].flatten().view(-1, 1, 1, 1)
+    noisy = (1.0 - sigmas) * model_input + sigmas * noise
+    packed = Flux2KleinPipeline._pack_latents(noisy)
+    guidance = (torch.full([1], guidance_scale).expand(model_input.shape[0])
+                if transformer.config.guidance_embeds else None)
+    pred = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                       encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=model_input_ids,
+                       return_dict=False)[0]
+    pred = Flux2KleinPipeline._unpack_latents_with_ids(pred[:, : packed.size(1):], model_input_ids)
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme="logit_normal", sigmas=sigmas)
+    target = noise - model_input
+    loss = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1)
+    return loss.mean(), model_input, sigmas.flatten()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flux2_loss_equals_diffusers_reference_recipe(variant):
+    model = flux2.build_tiny_flux2_transformer(variant, seed=1)
+    g = torch.Generator().manual_seed(0)
+    vae_latents = torch.randn(2, 32, 8, 12, generator=g)  # the FLUX.2 VAE's raw 32 channels at /8
+    bn_mean, bn_std = torch.randn(1, 128, 1, 1, generator=g), torch.rand(1, 128, 1, 1, generator=g) + 0.5
+    noise = torch.randn(2, 128, 4, 6, generator=g)
+    u = torch.tensor([0.27, 0.81])
+    hidden = torch.randn(2, 7, _text_width(variant), generator=g)
+    with torch.no_grad():
+        reference, x0, sigma = _recipe_loss(model, vae_latents, bn_mean, bn_std, noise, u, hidden, 3.5)
+        # x0 is what ComfyUI's FLUX.2 VAE encode returns (and the cache holds): 128 channels at /16, normalised
+        ours = flow.flow_matching_loss(model, x0, noise, sigma, hidden, torch.zeros(2, 0), guidance=3.5)
+    assert x0.shape == (2, 128, 4, 6)
+    assert abs(ours.item() - reference.item()) <= 1e-6 * abs(reference.item())
+
+
+def test_flux2_packing_and_ids_match_diffusers_pipeline():
+    from diffusers import Flux2KleinPipeline
+
+    x = torch.randn(2, 128, 3, 5)
+    tokens = FLUX2.pack_latents(x)
+    assert torch.equal(tokens, Flux2KleinPipeline._pack_latents(x))
+    assert torch.equal(FLUX2.unpack_latents(tokens, 3, 5), x)
+    assert torch.equal(FLUX2.image_ids(3, 5), Flux2KleinPipeline._prepare_latent_ids(x)[0])
+    assert torch.equal(FLUX2.text_ids(9), Flux2KleinPipeline._prepare_text_ids(torch.zeros(1, 9, 4))[0])
+    assert FLUX2.latent_shape(1024, 768) == (128, 64, 48) and FLUX2.image_token_count(64, 64) == 4096
+
+
+@pytest.mark.parametrize("tokens,steps", [(256, 28), (1024, 50), (4096, 4), (8192, 50)])
+def test_flux2_sampling_schedule_equals_the_pipeline_scheduler(tokens, steps):
+    """FLUX.2's resolution shift (its pipelines' compute_empirical_mu) gives the schedule diffusers samples with."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, time_shift_type="exponential")
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=compute_empirical_mu(tokens, steps))
+    ours = flow.sampling_sigmas(steps, tokens, family=FLUX2)
+    assert torch.allclose(ours, scheduler.sigmas.float(), atol=1e-6)
+    # FLUX.1 keeps its own shift: 3.158 at 1024² whatever the step count
+    assert FLUX1.resolution_shift(4096, steps) == pytest.approx(3.158, abs=2e-3)
+
+
+def test_flux2_flux_shift_sampler_uses_the_family_shift():
+    draw = lambda fam: flow.sample_sigmas(2000, "flux_shift", 4096, torch.Generator().manual_seed(3),  # noqa: E731
+                                          family=fam)
+    plain = flow.sample_sigmas(2000, "sigmoid", 4096, torch.Generator().manual_seed(3))
+    shift = FLUX2.resolution_shift(4096)
+    assert torch.allclose(draw(FLUX2), flow.shift_sigmas(plain, shift))
+    assert not torch.allclose(draw(FLUX2), draw(FLUX1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights: BFL ⇄ diffusers, loading, detection
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flux2_bfl_diffusers_conversion_round_trips_exactly(variant):
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    model = flux2.build_tiny_flux2_transformer(variant, seed=2, prior_init=False)
+    sd = model.state_dict()
+    bfl = flux2.diffusers_to_bfl(sd)
+    width = model.inner_dim
+    assert bfl["double_blocks.0.img_attn.qkv.weight"].shape == (3 * width, width)
+    assert "single_blocks.0.linear1.weight" in bfl and "double_stream_modulation_img.lin.weight" in bfl
+    assert ("guidance_in.in_layer.weight" in bfl) == (variant == "dev")
+    assert len(bfl) < len(sd)  # q, k, v fused
+
+    back, config = flux2.bfl_to_diffusers(bfl)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert {k: v for k, v in config.items() if not k.startswith("_")} == flux2.tiny_flux2_config(variant)
+    assert all(torch.equal(flux2.diffusers_to_bfl(back)[k], bfl[k]) for k in bfl)
+    # diffusers' own converter (an independent implementation of the same table) agrees tensor for tensor
+    theirs = convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert theirs.keys() == sd.keys() and all(torch.equal(theirs[k], sd[k]) for k in sd)
+
+
+def _velocity(model, variant, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    x, hidden = torch.randn(1, 128, 2, 3, generator=g), torch.randn(1, 4, _text_width(variant), generator=g)
+    with torch.no_grad():
+        return flow.predict_velocity(model, x, torch.tensor([0.4]), hidden, torch.zeros(1, 0), 2.0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flux2_loads_from_comfyui_file_diffusers_folder_and_state_dict(tmp_path, variant):
+    model = flux2.build_tiny_flux2_transformer(variant, seed=3, prior_init=False)
+    expected = _velocity(model, variant)
+    comfy_file = tmp_path / "flux2.safetensors"  # ComfyUI's layout: BFL keys behind model.diffusion_model.
+    bfl = flux2.diffusers_to_bfl(model.state_dict())
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in bfl.items()}, str(comfy_file))
+    model.save_pretrained(tmp_path / "folder")
+    weights = model.state_dict()
+    for source in (comfy_file, tmp_path / "folder", weights):
+        loaded = family.load_transformer(source, dtype=torch.float32)
+        assert type(loaded).__name__ == "Flux2Transformer2DModel"
+        assert all(loaded.config[k] == v for k, v in flux2.tiny_flux2_config(variant).items())
+        state = loaded.state_dict()
+        assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)
+        # same weights; memory-mapped tensors may take another SIMD path, hence not bit-equal outputs
+        assert torch.allclose(_velocity(loaded, variant), expected, rtol=0, atol=1e-5)
+
+
+def test_flux2_fp8_file_loads_dequantised(tmp_path):
+    model = flux2.build_tiny_flux2_transformer("klein", seed=3, prior_init=False)
+    bfl = {k: v.to(torch.float8_e4m3fn) for k, v in flux2.diffusers_to_bfl(model.state_dict()).items()}
+    save_file(bfl, str(tmp_path / "fp8.safetensors"))
+    loaded = flux2.load_flux2_transformer(tmp_path / "fp8.safetensors", dtype=torch.float32)
+    key = "transformer_blocks.0.attn.to_k.weight"
+    width = model.inner_dim
+    assert torch.equal(loaded.state_dict()[key], bfl["double_blocks.0.img_attn.qkv.weight"][width:2 * width].float())
+
+
+def test_flux2_and_flux1_files_are_told_apart(tmp_path):
+    flux1_model = build_tiny_transformer(seed=0, prior_init=False)
+    flux1_file, flux2_file = tmp_path / "flux1.safetensors", tmp_path / "flux2.safetensors"
+    save_file({k: v.contiguous() for k, v in flux1_diffusers_to_bfl(flux1_model.state_dict()).items()},
+              str(flux1_file))
+    model2 = flux2.build_tiny_flux2_transformer("klein", prior_init=False)
+    save_file({k: v.contiguous() for k, v in flux2.diffusers_to_bfl(model2.state_dict()).items()}, str(flux2_file))
+
+    # handled: the family is read from the weights
+    assert type(family.load_transformer(flux1_file, dtype=torch.float32)).__name__ == "FluxTransformer2DModel"
+    assert type(family.load_transformer(flux2_file, dtype=torch.float32)).__name__ == "Flux2Transformer2DModel"
+    assert detect_family(flux1_model) is FLUX1 and detect_family(model2) is FLUX2
+    assert detect_family(dict(model2.config)) is FLUX2 and detect_family(flux1_model.state_dict()) is FLUX1
+    # refused with a message naming both, where one family's loader is given the other's file
+    with pytest.raises(TrainerInputError, match=r"(?s)FLUX\.2.*FLUX\.1|FLUX\.1.*FLUX\.2"):
+        load_flux_transformer(flux2_file, dtype=torch.float32)
+    with pytest.raises(TrainerInputError, match=r"not a FLUX\.2 transformer: it is a FLUX\.1 transformer"):
+        flux2.load_flux2_transformer(flux1_file, dtype=torch.float32)
+    with pytest.raises(TrainerInputError, match="neither a FLUX.1 nor a FLUX.2 transformer: it looks like a VAE"):
+        detect_family({"encoder.down.0.weight": torch.zeros(1)})
+
+
+def test_flux2_shipped_configs_have_the_published_sizes():
+    params = {}
+    for name in flux2.CONFIG_NAMES:
+        from diffusers import Flux2Transformer2DModel
+
+        config = {k: v for k, v in flux2.flux2_config(name).items() if not k.startswith("_")}
+        with torch.device("meta"):
+            params[name] = sum(p.numel() for p in Flux2Transformer2DModel(**config).parameters()) / 1e9
+    assert params["flux2-klein-4b"] == pytest.approx(3.9, abs=0.1)
+    assert params["flux2-klein-9b"] == pytest.approx(9.1, abs=0.1)
+    assert params["flux2-dev"] == pytest.approx(32.2, abs=0.1)  # ≈ 60 GB in bf16
+    # the estimator builds FLUX.2 from its config: dev's bf16 weights alone are ≈ 60 GiB
+    estimate = estimate_vram(flux2.flux2_config("flux2-dev"), resolution=1024)
+    assert 58 < estimate.weights / 2**30 < 62
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Target presets
+
+def test_flux2_target_presets_hit_only_linears_of_their_kind():
+    model = flux2.build_tiny_flux2_transformer("dev", prior_init=False)
+    import re
+
+    modules = dict(model.named_modules())
+    for name in lora.TARGET_PRESETS:
+        pattern = lora.resolve_targets(name, model)
+        hits = [n for n in modules if re.fullmatch(pattern, n)]
+        assert hits and all(isinstance(modules[n], torch.nn.Linear) for n in hits), name  # never to_out's ModuleList
+    attention = {n for n in modules if re.fullmatch(lora.resolve_targets("attention", model), n)}
+    assert "transformer_blocks.0.attn.to_out.0" in attention and "single_transformer_blocks.2.attn.to_out" in attention
+    assert not any(".ff" in n for n in attention)
+    mlp = {n for n in modules if re.fullmatch(lora.resolve_targets("attention+ffs", model), n)} - attention
+    assert mlp == {f"transformer_blocks.0.{ff}.{lin}" for ff in ("ff", "ff_context")
+                   for lin in ("linear_in", "linear_out")}
+    every = {n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and n.count(".") >= 1
+             and not n.startswith(("time_guidance_embed", "norm_out"))}
+    assert {n for n in modules if re.fullmatch(lora.resolve_targets("all", model), n)} == every
+    # block 7 of 38 at the same relative depth of 3 single blocks: block 1, its fused output linear
+    assert lora.resolve_targets("nano", model) == r"single_transformer_blocks\.1\.attn\.to_out"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end through train_lora
+
+def _flux2_standin_cache(sample_cache, folder, variant) -> LatentCache:
+    """The bundled samples as a FLUX.2 cache would hold them: latents 128 channels at /16 (the FLUX.1 tiny VAE's
+    latents pixel-shuffled 2×2 and mapped by a fixed orthonormal matrix), text states as wide as the model's text
+    input (the tiny T5 states through a fixed linear map) and no pooled vector."""
+    g = torch.Generator().manual_seed(11)
+    channels, _ = torch.linalg.qr(torch.randn(128, 64, generator=g))
+    text_map = torch.randn(_text_width(variant), 32, generator=g) / 32**0.5
+    folder.mkdir()
+    latent_files, text_files = [], []
+    for i in range(len(sample_cache)):
+        latent = sample_cache.latent(i).float()  # [16, 8, 8]
+        c, h, w = latent.shape
+        shuffled = latent.view(c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3).reshape(4 * c, h // 2, w // 2)
+        hidden, _ = sample_cache.text(i)
+        latent_files.append(folder / f"latent{i}.safetensors")
+        text_files.append(folder / f"text{i}.safetensors")
+        save_file({"latent": torch.einsum("oc,chw->ohw", channels, shuffled).contiguous()}, str(latent_files[-1]))
+        hidden = hidden[:16].float()  # 16 tokens keep the test fast; the width is what FLUX.2 checks
+        save_file({"hidden": (hidden @ text_map.T).contiguous(), "pooled": torch.zeros(0)},
+                  str(text_files[-1]))
+    return LatentCache(sample_cache.items, latent_files, text_files)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flux2_trains_end_to_end_and_its_lora_loads_in_diffusers(sample_cache, tmp_path, variant):
+    from diffusers import Flux2KleinPipeline
+
+    cache = _flux2_standin_cache(sample_cache, tmp_path / "cache", variant)
+    assert cache.latent(0).shape == (128, 4, 4)
+    model = flux2.build_tiny_flux2_transformer(variant, seed=0)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.stack([cache.latent(i) for i in range(len(cache))]).float()
+    hidden = torch.stack([cache.text(i)[0] for i in range(len(cache))]).float()
+    noise, sigma = torch.randn(x0.shape, generator=g), torch.linspace(0.1, 0.9, len(cache))
+
+    def held_out_loss():  # the same noise and σ for every image, before and after training
+        with torch.no_grad():
+            return flow.flow_matching_loss(model, x0, noise, sigma, hidden, torch.zeros(len(cache), 0), 1.0).item()
+
+    before = held_out_loss()
+    cfg = TrainConfig(steps=30, learning_rate=1e-2, compute_dtype="fp32", checkpoint_every=0,
+                      timestep_sampling="uniform", seed=7)
+    prompts = ValidationPrompts([cache.text(0)], SampleConfig(steps=2, width=64, height=64, guidance=1.0, seed=1))
+    samples = []
+
+    class Collect(Callbacks):  # validation latents come back in FLUX.2's layout
+        def on_sample(self, step, latents):
+            samples.append(latents)
+
+    result = train_lora(model, cache, lora_cfg=LoraConfig(rank=8, alpha=4, targets="attention+ffs"), train_cfg=cfg,
+                        output_dir=tmp_path / "out", output_name="flux2", device="cpu", validation=prompts,
+                        callbacks=Collect())
+    after = held_out_loss()
+    assert len(result.losses) == 30 and after < 0.9 * before, (before, after)
+    assert samples and samples[-1].shape == (1, 128, 4, 4) and torch.isfinite(samples[-1]).all()
+    frozen = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    assert all(torch.equal(frozen[k], base[k]) for k in base)
+
+    state, meta = lora.read_lora_file(result.lora_path)
+    assert state and all(k.startswith("transformer.") for k in state)
+    assert any(".attn.to_qkv_mlp_proj." in k for k in state) and any(".ff.linear_in." in k for k in state)
+    assert json.loads(meta["lora_adapter_metadata"])["transformer.lora_alpha"] == 4
+
+    with torch.no_grad():  # the file holds the LoRA in bf16: compare against exactly those weights
+        for param in lora.lora_parameters(model):
+            param.copy_(param.to(torch.bfloat16).float())
+    expected = _velocity(model, variant)
+    # diffusers' Flux2LoraLoaderMixin route: its lora_state_dict, then load_lora_into_transformer with the metadata
+    sd, adapter_meta = Flux2KleinPipeline.lora_state_dict(str(result.lora_path), return_lora_metadata=True)
+    fresh = flux2.build_tiny_flux2_transformer(variant, seed=0)
+    Flux2KleinPipeline.load_lora_into_transformer(sd, transformer=fresh, metadata=adapter_meta)
+    assert torch.equal(_velocity(fresh, variant), expected)
+    # and the model's own load_lora_adapter on the file
+    fresh = flux2.build_tiny_flux2_transformer(variant, seed=0)
+    fresh.load_lora_adapter(str(result.lora_path.parent), weight_name=result.lora_path.name, prefix="transformer")
+    assert torch.equal(_velocity(fresh, variant), expected)
+    assert not torch.allclose(_velocity(flux2.build_tiny_flux2_transformer(variant, seed=0), variant), expected)
+
+
+def test_flux1_embeddings_are_refused_for_flux2_before_training(sample_cache):
+    with pytest.raises(TrainerInputError, match=r"cache: text embeddings are \[\d+, 32\].*FLUX\.2.*48 wide"):
+        TrainingSession(flux2.build_tiny_flux2_transformer("klein"), sample_cache, LoraConfig(rank=4, alpha=4),
+                        TrainConfig(steps=1, compute_dtype="fp32"), device="cpu")
+
+
+def test_flux2_kohya_export_loads_through_diffusers_flux2_converter(tmp_path):
+    """The kohya file (BFL names: fused double-block qkv, single-block linear1/linear2) is read by diffusers' own
+    FLUX.2 kohya converter back into the same model outputs."""
+    from diffusers import Flux2KleinPipeline
+
+    model = flux2.build_tiny_flux2_transformer("klein", seed=4)
+    lora.add_lora(model, LoraConfig(rank=4, alpha=2.0, targets="attention+ffs"))
+    with torch.no_grad():  # lora_B starts at zero: give the adapter an effect
+        for param in lora.lora_parameters(model):
+            param.normal_(std=0.05, generator=torch.Generator().manual_seed(param.numel()))
+    path = lora.save_lora(tmp_path / "k.safetensors", model, {}, dtype=None, fmt="kohya")
+    state, _ = lora.read_lora_file(path)
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in state
+    assert "lora_unet_single_blocks_1_linear1.lora_up.weight" in state
+    assert "lora_unet_double_blocks_0_txt_mlp_0.alpha" in state
+
+    fresh = flux2.build_tiny_flux2_transformer("klein", seed=4)
+    Flux2KleinPipeline.load_lora_into_transformer(Flux2KleinPipeline.lora_state_dict(str(path)), transformer=fresh)
+    expected = _velocity(model, "klein")
+    assert torch.allclose(_velocity(fresh, "klein"), expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(_velocity(flux2.build_tiny_flux2_transformer("klein", seed=4), "klein"), expected,
+                              atol=1e-3)

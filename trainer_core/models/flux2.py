@@ -1,0 +1,461 @@
+"""FLUX.2 transformer (klein base 4B / 9B, dev): shipped configs, BFL ⇄ diffusers conversion, loading from a file,
+folder or dict, latent packing and position ids, text conditioning, target presets — and tiny offline models.
+
+Facts this module encodes (diffusers ``Flux2Transformer2DModel``, ComfyUI 0.33.0 ``comfy/ldm/flux/model.py``):
+
+* Latents are the VAE's 32 channels at /8, pixel-shuffled 2×2 to 128 channels at /16 and normalised by the VAE's
+  BatchNorm statistics — which is what ComfyUI's FLUX.2 VAE encode returns. The transformer's patch size is 1:
+  every latent cell is one token, ``[B, C, H, W] → [B, H·W, C]``.
+* RoPE on 4 axes (T, H, W, L), θ = 2000: image token (h, w) has id (0, h, w, 0), text token l has (0, 0, 0, l).
+* The text conditioning is one sequence of hidden states (Qwen3 / Mistral layers stacked: 7680, 12288 or 15360
+  wide); there is no pooled vector. Only dev embeds a guidance value; klein base is sampled with real CFG.
+* No biases anywhere; modulation is global (``double_stream_modulation_img/_txt``, ``single_stream_modulation``);
+  single blocks fuse q, k, v and the MLP input into ``to_qkv_mlp_proj`` (BFL ``linear1``) and the attention and MLP
+  outputs into ``to_out`` (BFL ``linear2``) — diffusers keeps those fused, so only the double blocks' qkv split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..errors import TrainerInputError
+from .flux import BFL_PREFIX, CONFIG_DIR, Source, TensorReader, open_safetensors
+
+log = logging.getLogger(__name__)
+
+CLASS_NAME = "Flux2Transformer2DModel"
+CONFIG_NAMES = ("flux2-klein-4b", "flux2-klein-9b", "flux2-dev")
+LATENT_CHANNELS = 128
+LATENT_DOWNSCALE = 16  # pixels per latent cell (VAE /8, then the 2×2 pixel shuffle)
+ROPE_AXES = 4
+# Keys only a FLUX.2 transformer has (BFL and diffusers spelling); ComfyUI detects FLUX.2 by the first.
+MARKERS = ("double_stream_modulation_img.lin.weight", "double_stream_modulation_img.linear.weight")
+
+
+def flux2_config(name: str) -> dict:
+    """A copy of the diffusers ``Flux2Transformer2DModel`` config of one of :data:`CONFIG_NAMES`."""
+    if name not in CONFIG_NAMES:
+        raise TrainerInputError(f"Unknown FLUX.2 model '{name}'; choose one of {', '.join(CONFIG_NAMES)}.")
+    return json.loads((CONFIG_DIR / f"{name}.json").read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Latents, position ids, schedule
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] → [B, H·W, C]: one token per latent cell, row-major (as ``Flux2Pipeline._pack_latents``)."""
+    b, c, h, w = latents.shape
+    return latents.reshape(b, c, h * w).permute(0, 2, 1)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for a latent of ``height`` × ``width`` cells."""
+    b, _, c = tokens.shape
+    return tokens.permute(0, 2, 1).reshape(b, c, height, width)
+
+
+def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
+    """Position ids [H·W, 4] = (T, H, W, L) = (0, row, col, 0)."""
+    rows = torch.arange(height, device=device).repeat_interleave(width)
+    cols = torch.arange(width, device=device).repeat(height)
+    zeros = torch.zeros_like(rows)
+    return torch.stack([zeros, rows, cols, zeros], dim=-1)
+
+
+def text_ids(length: int, device=None) -> torch.Tensor:
+    """Position ids [L, 4] = (0, 0, 0, l): text tokens sit on the L axis."""
+    ids = torch.zeros(length, ROPE_AXES, dtype=torch.long, device=device)
+    ids[:, 3] = torch.arange(length, device=device)
+    return ids
+
+
+def empirical_mu(image_tokens: int, steps: int) -> float:
+    """μ of FLUX.2's resolution- and step-dependent shift σ' = e^μ / (e^μ + 1/σ − 1).
+
+    The fit BFL published and diffusers' FLUX.2 pipelines use (``compute_empirical_mu``): linear in the token count,
+    interpolated between its 10- and 200-step lines, and the 200-step line alone above 4300 tokens.
+    """
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    m_200 = a2 * image_tokens + b2
+    if image_tokens > 4300:
+        return m_200
+    m_10 = a1 * image_tokens + b1
+    a = (m_200 - m_10) / 190.0
+    return a * steps + (m_200 - 200.0 * a)
+
+
+def resolution_shift(image_tokens: int, steps: int) -> float:
+    return math.exp(empirical_mu(image_tokens, steps))
+
+
+def call_transformer(transformer, tokens, sigma, hidden, img_ids, txt_ids, guidance: float, dtype) -> torch.Tensor:
+    """One forward pass; returns the predicted tokens. ``timestep`` is σ ∈ [0, 1] (the model multiplies by 1000)."""
+    b = tokens.shape[0]
+    guidance_vec = (torch.full((b,), guidance, device=tokens.device, dtype=dtype)
+                    if transformer.config.guidance_embeds else None)
+    return transformer(hidden_states=tokens, encoder_hidden_states=hidden, timestep=sigma, img_ids=img_ids,
+                       txt_ids=txt_ids, guidance=guidance_vec, return_dict=False)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA target presets (full-name regexes: peft fullmatches a string target). A double block's ``attn.to_out`` is a
+# ModuleList, so its linear is ``to_out.0``; a single block's ``attn.to_out`` is the fused output linear itself.
+# Single blocks cannot separate attention from MLP (both live in the fused linears), so every preset that touches
+# single-block attention trains those fused linears — as diffusers' FLUX.2 recipes do by default.
+
+_DOUBLE = r"transformer_blocks\.\d+"
+_SINGLE = r"single_transformer_blocks\.\d+"
+_DOUBLE_ATTN = rf"{_DOUBLE}\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_CONTEXT_ATTN = rf"{_DOUBLE}\.attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_SINGLE_FUSED = rf"{_SINGLE}\.attn\.(to_qkv_mlp_proj|to_out)"
+_DOUBLE_FF = rf"{_DOUBLE}\.(ff|ff_context)\.(linear_in|linear_out)"
+_CONTEXT_FF = rf"{_DOUBLE}\.ff_context\.(linear_in|linear_out)"
+_MODULATION = r"(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\.linear"
+
+
+def _any(*patterns: str) -> str:
+    return "|".join(f"({p})" for p in patterns)
+
+
+TARGET_PRESETS: dict[str, str] = {
+    "attention": _any(_DOUBLE_ATTN, _SINGLE_FUSED),
+    "attention+ffs": _any(_DOUBLE_ATTN, _SINGLE_FUSED, _DOUBLE_FF),
+    "mmdit": _DOUBLE_ATTN,
+    "all": _any(_DOUBLE_ATTN, _SINGLE_FUSED, _DOUBLE_FF, _MODULATION),  # every linear of every block + modulation
+    "all+ffs": _any(_DOUBLE_ATTN, _SINGLE_FUSED, _DOUBLE_FF, _MODULATION),
+    "context": _CONTEXT_ATTN,
+    "context+ffs": _any(_CONTEXT_ATTN, _CONTEXT_FF),
+}
+SINGLE_OUTPUT = r"single_transformer_blocks\.{index}\.attn\.to_out"  # the "tiny"/"nano" presets' layer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BFL ⇄ diffusers: diffusers module → (BFL module, part of a fused qkv or None). Every parameter is a weight
+# (FLUX.2 has no biases); RMSNorm weights are BFL ``scale``; norm_out.linear's shift/scale halves are swapped.
+
+_TOP = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+    "single_stream_modulation.linear": "single_stream_modulation.lin",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+}
+_GUIDANCE = ("time_guidance_embed.guidance_embedder.linear_1", "time_guidance_embed.guidance_embedder.linear_2")
+_SWAPPED = "norm_out.linear"
+_DOUBLE_MAP: dict[str, tuple[str, int | None]] = {
+    "attn.to_q": ("img_attn.qkv", 0),
+    "attn.to_k": ("img_attn.qkv", 1),
+    "attn.to_v": ("img_attn.qkv", 2),
+    "attn.add_q_proj": ("txt_attn.qkv", 0),
+    "attn.add_k_proj": ("txt_attn.qkv", 1),
+    "attn.add_v_proj": ("txt_attn.qkv", 2),
+    "attn.norm_q": ("img_attn.norm.query_norm", None),
+    "attn.norm_k": ("img_attn.norm.key_norm", None),
+    "attn.norm_added_q": ("txt_attn.norm.query_norm", None),
+    "attn.norm_added_k": ("txt_attn.norm.key_norm", None),
+    "attn.to_out.0": ("img_attn.proj", None),
+    "attn.to_add_out": ("txt_attn.proj", None),
+    "ff.linear_in": ("img_mlp.0", None),
+    "ff.linear_out": ("img_mlp.2", None),
+    "ff_context.linear_in": ("txt_mlp.0", None),
+    "ff_context.linear_out": ("txt_mlp.2", None),
+}
+_SINGLE_MAP: dict[str, tuple[str, int | None]] = {
+    "attn.to_qkv_mlp_proj": ("linear1", None),
+    "attn.to_out": ("linear2", None),
+    "attn.norm_q": ("norm.query_norm", None),
+    "attn.norm_k": ("norm.key_norm", None),
+}
+_NORM = re.compile(r"\.norm_(q|k|added_q|added_k)$")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    diffusers_key: str
+    bfl_key: str
+    rows: slice | None  # rows of the fused BFL qkv weight
+    swap_halves: bool
+
+
+def _plan(num_double: int, num_single: int, guidance: bool, width: int) -> list[_Entry]:
+    """Every parameter of a FLUX.2 model of this size: its diffusers key and where it lives in a BFL file."""
+    modules = [(d, b, None) for d, b in _TOP.items() if guidance or d not in _GUIDANCE]
+    for i in range(num_double):
+        modules += [(f"transformer_blocks.{i}.{d}", f"double_blocks.{i}.{b}", p) for d, (b, p) in _DOUBLE_MAP.items()]
+    for i in range(num_single):
+        modules += [(f"single_transformer_blocks.{i}.{d}", f"single_blocks.{i}.{b}", p)
+                    for d, (b, p) in _SINGLE_MAP.items()]
+    return [_Entry(f"{d}.weight", f"{b}.{'scale' if _NORM.search(d) else 'weight'}",
+                   None if p is None else slice(p * width, (p + 1) * width), d == _SWAPPED)
+            for d, b, p in modules]
+
+
+def _block_count(keys: set[str], prefix: str) -> int:
+    indices = {int(m.group(1)) for k in keys if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
+    return max(indices) + 1 if indices else 0
+
+
+def _not_flux2(name: str, keys, detail: str) -> TrainerInputError:
+    keys = sorted(keys)
+    if any(k in keys for k in ("img_in.weight", "x_embedder.weight")):
+        found = "it is a FLUX.1 transformer (it has no FLUX.2 global modulation)"
+    else:
+        found = f"found {len(keys)} tensors such as {', '.join(keys[:3]) or 'none'}"
+    return TrainerInputError(
+        f"{name} is not a FLUX.2 transformer: {found}{'; ' + detail if detail else ''}. Choose a FLUX.2 klein base "
+        "or dev transformer (ComfyUI models/diffusion_models) or a diffusers FLUX.2 folder — or load a FLUX.1 file "
+        "through trainer_core.models.family.load_transformer, which detects the family.")
+
+
+def _infer(src: TensorReader) -> tuple[list[_Entry], dict, bool]:
+    """(entries, diffusers config, whether the source uses BFL keys), read from the tensor names and shapes."""
+    keys = src.keys
+    if MARKERS[0] in keys and "img_in.weight" in keys:
+        bfl, double, single = True, "double_blocks", "single_blocks"
+    elif MARKERS[1] in keys and "x_embedder.weight" in keys:
+        bfl, double, single = False, "transformer_blocks", "single_transformer_blocks"
+    else:
+        raise _not_flux2(src.name, keys, "")
+    num_double, num_single = _block_count(keys, double), _block_count(keys, single)
+    guidance = ("guidance_in.in_layer.weight" if bfl else f"{_GUIDANCE[0]}.weight") in keys
+    width, in_channels = src.shape("img_in.weight" if bfl else "x_embedder.weight")
+    entries = _plan(num_double, num_single, guidance, width)
+    source_key = (lambda e: e.bfl_key) if bfl else (lambda e: e.diffusers_key)
+    missing = list(dict.fromkeys(source_key(e) for e in entries if source_key(e) not in keys))
+    if missing:
+        raise TrainerInputError(
+            f"{src.name} is an incomplete FLUX.2 transformer: {len(missing)} tensors are missing, e.g. "
+            f"{', '.join(missing[:3])}. The file is damaged or a partial export; download it again.")
+    unused = keys - {source_key(e) for e in entries}
+    if unused:
+        log.warning("%s: ignoring %d tensors that are not part of a FLUX.2 transformer, e.g. %s",
+                    src.name, len(unused), ", ".join(sorted(unused)[:3]))
+    norm = f"{double}.0.img_attn.norm.query_norm.scale" if bfl and num_double else (
+        f"{single}.0.norm.query_norm.scale" if bfl else
+        f"{double if num_double else single}.0.attn.norm_q.weight")
+    head_dim = src.shape(norm)[0]
+    if num_double:
+        mlp_rows = src.shape(f"{double}.0.img_mlp.0.weight" if bfl else f"{double}.0.ff.linear_in.weight")[0]
+    else:
+        fused = src.shape(f"{single}.0.linear1.weight" if bfl else f"{single}.0.attn.to_qkv_mlp_proj.weight")[0]
+        mlp_rows = fused - 3 * width
+    out_channels = src.shape("final_layer.linear.weight" if bfl else "proj_out.weight")[0]
+    if width % head_dim or head_dim % ROPE_AXES:
+        raise _not_flux2(src.name, keys, f"width {width} and head size {head_dim} do not fit FLUX.2's 4-axis RoPE")
+    config = {
+        "_class_name": CLASS_NAME,
+        "patch_size": 1,
+        "in_channels": in_channels,
+        "out_channels": None if out_channels == in_channels else out_channels,
+        "num_layers": num_double,
+        "num_single_layers": num_single,
+        "attention_head_dim": head_dim,
+        "num_attention_heads": width // head_dim,
+        "joint_attention_dim": src.shape("txt_in.weight" if bfl else "context_embedder.weight")[1],
+        "timestep_guidance_channels": src.shape(
+            "time_in.in_layer.weight" if bfl else "time_guidance_embed.timestep_embedder.linear_1.weight")[1],
+        "mlp_ratio": mlp_rows / 2 / width,
+        # RoPE has no weights: FLUX.2 splits the head into 4 equal axes (32 each at head size 128), θ = 2000.
+        "axes_dims_rope": [head_dim // ROPE_AXES] * ROPE_AXES,
+        "rope_theta": 2000,
+        "eps": 1e-6,
+        "guidance_embeds": guidance,
+    }
+    return entries, config, bfl
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def _convert(src: TensorReader, entries: list[_Entry], bfl: bool, dtype, device) -> dict[str, torch.Tensor]:
+    out = {}
+    for e in entries:
+        if bfl:
+            tensor = src.get(e.bfl_key, e.rows)
+            if e.swap_halves:
+                tensor = _swap_halves(tensor)
+        else:
+            tensor = src.get(e.diffusers_key)
+        out[e.diffusers_key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    return out
+
+
+def bfl_to_diffusers(sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict]:
+    """BFL-format FLUX.2 state dict (optionally under ``model.diffusion_model.``) → (diffusers state dict, config)."""
+    src = TensorReader.from_dict(sd)
+    entries, config, bfl = _infer(src)
+    if not bfl:
+        raise _not_flux2(src.name, src.keys, "it already uses diffusers key names")
+    return _convert(src, entries, True, dtype, None), config
+
+
+def diffusers_to_bfl(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers FLUX.2 state dict → BFL key names (each double block's q, k, v fused back into ``qkv``)."""
+    src = TensorReader.from_dict(sd, prefix="")
+    entries, config, bfl = _infer(src)
+    if bfl:
+        raise _not_flux2(src.name, src.keys, "it already uses BFL key names")
+    out: dict[str, torch.Tensor] = {}
+    parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for e in entries:
+        tensor = src.get(e.diffusers_key)
+        if e.rows is not None:
+            parts.setdefault(e.bfl_key, []).append((e.rows.start, tensor))
+        else:
+            out[e.bfl_key] = _swap_halves(tensor) if e.swap_halves else tensor
+    for key, pieces in parts.items():
+        out[key] = torch.cat([t for _, t in sorted(pieces, key=lambda p: p[0])], dim=0)
+    return out
+
+
+def diffusers_module_to_bfl(name: str, inner_dim: int) -> tuple[str, slice | None]:
+    """BFL module holding diffusers module ``name`` and its rows in a fused BFL weight (None: one to one).
+
+    ``norm_out.linear`` (halves swapped) and names outside the table raise ValueError.
+    """
+    if name == _SWAPPED:
+        raise ValueError("norm_out.linear maps to final_layer.adaLN_modulation.1 with its halves swapped")
+    if name in _TOP:
+        return _TOP[name], None
+    match = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", name)
+    table = (_DOUBLE_MAP if match.group(1) == "transformer_blocks" else _SINGLE_MAP) if match else {}
+    if not match or match.group(3) not in table:
+        raise ValueError(f"'{name}' is not a FLUX.2 transformer module with a BFL counterpart")
+    bfl, part = table[match.group(3)]
+    block = "double_blocks" if match.group(1) == "transformer_blocks" else "single_blocks"
+    return f"{block}.{match.group(2)}.{bfl}", None if part is None else slice(part * inner_dim, (part + 1) * inner_dim)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+def _build(config: dict, sd: dict[str, torch.Tensor], name: str):
+    from accelerate import init_empty_weights
+    from diffusers import Flux2Transformer2DModel
+
+    with init_empty_weights():
+        model = Flux2Transformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    expected = model.state_dict()
+    for key, tensor in sd.items():
+        if tuple(expected[key].shape) != tuple(tensor.shape):
+            raise _not_flux2(name, sd.keys(), f"'{key}' has shape {tuple(tensor.shape)}, expected "
+                                              f"{tuple(expected[key].shape)}")
+    model.load_state_dict(sd, strict=True, assign=True)  # adopt the tensors: no second copy of the weights
+    return model.eval()
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, device):
+    from diffusers import Flux2Transformer2DModel
+
+    sub = None if (folder / "config.json").is_file() else "transformer"
+    config_path = folder / (sub or "") / "config.json"
+    try:
+        class_name = json.loads(config_path.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError) as exc:
+        raise TrainerInputError(f"{config_path} is not readable JSON ({exc}); give a diffusers FLUX.2 folder "
+                                "(config.json + weights) or the .safetensors transformer file.") from exc
+    if class_name != CLASS_NAME:
+        raise TrainerInputError(f"{config_path} describes a {class_name}, not a FLUX.2 transformer ({CLASS_NAME}); "
+                                "point to the FLUX.2 transformer folder.")
+    try:
+        model = Flux2Transformer2DModel.from_pretrained(folder, subfolder=sub, torch_dtype=dtype,
+                                                        local_files_only=True, low_cpu_mem_usage=True)
+    except (OSError, ValueError) as exc:
+        raise TrainerInputError(f"Could not load the FLUX.2 transformer from {folder}: {exc}. Check that the weight "
+                                "files are complete (download them again if in doubt).") from exc
+    return model.to(device).eval()
+
+
+def check_flux2_transformer(path: Path) -> None:
+    """Refuse a file that is not a complete FLUX.2 transformer from its header alone (folders: config.json)."""
+    if path.is_dir():
+        return
+    with open_safetensors(path, "FLUX.2 transformer file") as handle:
+        _infer(TensorReader.from_file(handle, path))
+
+
+def load_flux2_transformer(source: Source, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+    """Load a FLUX.2 ``Flux2Transformer2DModel`` from a BFL or diffusers ``.safetensors`` file (bf16, fp16, fp8 or
+    per-tensor scaled fp8; optional ``model.diffusion_model.`` prefix), a diffusers folder, or a state dict.
+    Never contacts a hub; width, depth, head size, context width and guidance are read from the tensor shapes."""
+    if isinstance(source, Mapping):
+        src = TensorReader.from_dict(source)
+        entries, config, bfl = _infer(src)
+        return _build(config, _convert(src, entries, bfl, dtype, device), src.name)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_folder(path, dtype, device)
+    with open_safetensors(path, "FLUX.2 transformer file") as handle:
+        src = TensorReader.from_file(handle, path, prefix=BFL_PREFIX)
+        entries, config, bfl = _infer(src)
+        sd = _convert(src, entries, bfl, dtype, device)
+    log.info("loaded FLUX.2 transformer %s: %d double + %d single blocks, width %d", path.name,
+             config["num_layers"], config["num_single_layers"],
+             config["num_attention_heads"] * config["attention_head_dim"])
+    return _build(config, sd, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny models for tests and demos: FLUX.2's architecture at width 128 (4 heads of 32, RoPE axes of 8), the real
+# 128 latent channels, and text states 3 × 16 wide (the real encoders stack three hidden layers).
+
+def tiny_flux2_config(variant: str = "klein") -> dict:
+    """Tiny klein-shaped (no guidance embedding) or dev-shaped (guidance, deeper single stack) config."""
+    if variant not in ("klein", "dev"):
+        raise ValueError(f"variant must be 'klein' or 'dev', got {variant!r}")
+    dev = variant == "dev"
+    return {
+        "patch_size": 1,
+        "in_channels": LATENT_CHANNELS,
+        "out_channels": None,
+        "num_layers": 1,
+        "num_single_layers": 3 if dev else 2,
+        "attention_head_dim": 32,
+        "num_attention_heads": 4,
+        "joint_attention_dim": 60 if dev else 48,
+        "timestep_guidance_channels": 32,
+        "mlp_ratio": 3.0,
+        "axes_dims_rope": [8, 8, 8, 8],
+        "rope_theta": 2000,
+        "eps": 1e-6,
+        "guidance_embeds": dev,
+    }
+
+
+def build_tiny_flux2_transformer(variant: str = "klein", seed: int = 0, prior_init: bool = True):
+    """A tiny fp32 ``Flux2Transformer2DModel`` from ``seed``.
+
+    With ``prior_init`` it starts on a skip path, as ``tiny.build_tiny_transformer`` does for FLUX.1: the input
+    and output projections are orthonormal inverses and the final norm is plain, so a token passes through the
+    blocks' gated updates unchanged — a LoRA then learns content instead of undoing random projections.
+    """
+    from diffusers import Flux2Transformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Flux2Transformer2DModel(**tiny_flux2_config(variant)).eval()
+        if prior_init:
+            with torch.no_grad():
+                basis, _ = torch.linalg.qr(torch.randn(model.inner_dim, model.config.in_channels))
+                model.x_embedder.weight.copy_(basis)
+                model.proj_out.weight.copy_(basis.T)
+                model.norm_out.linear.weight.zero_()
+    return model
