@@ -96,6 +96,11 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
     return path
 
 
+def checkpoint_path(folder: Path, step: int) -> Path:
+    """Where :func:`save_checkpoint` puts the checkpoint of ``step``."""
+    return Path(folder) / f"step_{step:06d}.safetensors"
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     """Checkpoint files in ``folder``, oldest first."""
     folder = Path(folder)
@@ -138,6 +143,16 @@ def load_checkpoint(path: Path) -> TrainingState:
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume a run whose settings changed in a way that would silently change the result."""
+    # Checkpoints from before multi-process training have no "processes": they come from one process.
+    saved_n, current_n = saved.get("processes", 1), current.get("processes", 1)
+    if saved_n != current_n:
+        raise TrainerInputError(
+            f"cannot resume from '{path}': it was written by a run on {saved_n} process(es) and this run has "
+            f"{current_n}. The global batch and the data each process trains on depend on that number, so resume "
+            f"on {saved_n} (torchrun --nproc-per-node / --nnodes, or accelerate launch --num_processes) or start a "
+            f"new run (turn resume off or use a new output name)."
+        )
+    saved, current = ({k: v for k, v in d.items() if k != "processes"} for d in (saved, current))
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if changed:
         details = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in changed)
