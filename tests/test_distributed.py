@@ -165,3 +165,19 @@ def test_distributed_stopped_run_resumes_on_the_same_processes_only(two_process_
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = [row["loss"] for row in read_metrics(folder / "metrics.jsonl")]
     assert losses == [row["loss"] for row in read_metrics(uninterrupted / "checkpoints" / "dp" / "metrics.jsonl")]
+
+
+def test_distributed_shards_split_each_global_batch_of_one_bucket_size():
+    """3 processes × batch 2: the shards of every step are, in order, the batch of one process with batch 6 —
+    one bucket size, topped up to full — so every process takes the same steps over the same epochs."""
+    from trainer_core.data.dataset import BatchOrder
+
+    sizes = [(64, 64)] * 7 + [(48, 80)] * 4
+    one = BatchOrder(sizes, 6, repeats=2, seed=5)
+    three = BatchOrder(sizes, 2, repeats=2, seed=5, processes=3)
+    assert three.batches_per_epoch == one.batches_per_epoch == 5  # ceil(14 / 6) + ceil(8 / 6)
+    for step in range(3 * one.batches_per_epoch):
+        shards = [three.batch(step)[three.shard(r)] for r in range(3)]
+        assert all(len(s) == 2 for s in shards)
+        assert sum(shards, []) == one.batch(step)
+        assert len({sizes[i] for i in one.batch(step)}) == 1
