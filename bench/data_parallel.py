@@ -32,7 +32,8 @@ def rows(args) -> list[str]:
     """Markdown table lines: N = 1 and N = all, at the largest resolution of the run."""
     n = processes_to_compare(args.device)
     resolution = max(args.resolutions)
-    header = ["", f"Data parallel (torchrun, preset {PRESET}, batch 1 per GPU, {resolution}²):", "",
+    preset = PRESET if args.device == "cuda" else "none"
+    header = ["", f"Data parallel (torchrun, preset {preset}, batch 1 per process, {resolution}²):", "",
               "| processes | s/step | samples/s | samples/s per GPU | scaling per GPU |", "|---|---|---|---|---|"]
     if n < 2:
         return header + [f"| 1 vs all | skipped: {n} GPU |  |  |  |"]
