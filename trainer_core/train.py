@@ -136,6 +136,7 @@ class TrainingSession:
         self.text = TextConditioning(cache, text_encoder, lora_cfg, train_cfg, self.device)
         transformer_params, text_params = lora.lora_parameters(self.transformer), self.text.parameters()
         self.params = transformer_params + text_params
+        distributed.broadcast_parameters(self.params)  # every process starts from process 0's LoRA, as DDP does
         self.optimizer = build_optimizer([
             {"params": transformer_params},
             {"params": text_params, "lr": train_cfg.text_encoder_lr or train_cfg.learning_rate},
@@ -152,7 +153,6 @@ class TrainingSession:
                  train_cfg.gradient_accumulation, math.ceil(self.order.batches_per_epoch
                                                             / train_cfg.gradient_accumulation))
         distributed.check_same(self.fingerprint(), "training settings")
-        distributed.broadcast_parameters(self.params)
         # Noise and σ come from a private CPU generator, so runs match across devices and resume exactly.
         self.generator = torch.Generator().manual_seed(train_cfg.seed)
         self.step_count = 0
