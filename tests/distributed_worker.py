@@ -5,7 +5,8 @@ DISTRIBUTED_TEST_WATCH=<folder> and DISTRIBUTED_TEST_REPORT=<folder>: every file
 renames or deletes under the watched folder is listed in ``<report>/rank<RANK>.json`` (Python's audit hooks see
 the writes that go through Python, which every trainer write does: safetensors files land by ``os.replace``).
 DISTRIBUTED_TEST_SIGNAL_AT=<step>: once process 0 finishes that step it sends SIGTERM to the launcher, as
-``kill`` or a cluster scheduler would, and pauses a moment so the launcher passes it on to every process mid-run.
+``kill`` or a cluster scheduler would, and waits until the launcher has passed it back to this process, so the stop
+lands mid-run at that step however loaded the machine is.
 """
 
 import atexit
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer_core import cli
+from trainer_core import cli, distributed
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
@@ -54,7 +55,9 @@ def signal_launcher_at(step: int) -> None:
         on_step(self, info)
         if info.step == step:
             os.kill(os.getppid(), signal.SIGTERM)
-            time.sleep(1.0)
+            deadline = time.monotonic() + 60
+            while not distributed.stop_signalled() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     cli.TqdmCallbacks.on_step = on_step_then_signal  # only process 0 shows progress, so only it signals
 
