@@ -2,7 +2,8 @@
 
 GPU mode: full-size FLUX.1-dev with random weights at 512² and 1024², rank 16, batch 1; for every preset
 (each capped to its card size), a "24 GiB card" row (auto, process capped to 24 GiB) and the plain
-diffusers + peft baseline. CPU mode: the tiny model, our step against the baseline loop, peak RSS.
+diffusers + peft baseline, and our step on 1 GPU vs every visible GPU (``bench/data_parallel.py``). CPU mode: the
+tiny model, our step against the baseline loop, peak RSS.
 Every row runs in a fresh process. The table is printed and written to bench/RESULTS.md.
 """
 
@@ -222,7 +223,10 @@ def main(argv=None) -> int:
         results.append(run_row(spec))
 
     if mode == "gpu":
+        from .data_parallel import rows as data_parallel_rows
+
         table, goals = gpu_table(results, peak, args.model)
+        table = "\n".join([table, *data_parallel_rows(args)])
         notes = [MFU_FORMULA + (f"; peak measured here: {peak:.0f} TFLOP/s." if peak else "."),
                  "Host RSS includes the random bf16 model the benchmark builds in RAM (≈ 24 GB) before "
                  "preparing it."]

@@ -128,6 +128,11 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
     return path
 
 
+def checkpoint_path(folder: Path, step: int) -> Path:
+    """Where :func:`save_checkpoint` puts the checkpoint of ``step``."""
+    return Path(folder) / f"step_{step:06d}.safetensors"
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     """Checkpoint files in ``folder``, oldest first."""
     folder = Path(folder)
@@ -190,7 +195,16 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path
     """Refuse to resume a run whose settings changed in a way that would change what the run is; the message
     names each such setting. Settings in ``resumable`` (dotted names such as ``train.learning_rate``) may
     change: they are returned as ``"name: old → new"`` for the caller to report."""
-    old, new = _flatten(saved), _flatten(current)
+    # Checkpoints from before multi-process training have no "processes": they come from one process.
+    saved_n, current_n = saved.get("processes", 1), current.get("processes", 1)
+    if saved_n != current_n:
+        raise TrainerInputError(
+            f"cannot resume from '{path}': it was written by a run on {saved_n} process(es) and this run has "
+            f"{current_n}. The global batch and the data each process trains on depend on that number, so resume "
+            f"on {saved_n} (torchrun --nproc-per-node / --nnodes, or accelerate launch --num_processes) or start a "
+            f"new run (turn resume off or use a new output name)."
+        )
+    old, new = (_flatten({k: v for k, v in d.items() if k != "processes"}) for d in (saved, current))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     refused = [k for k in changed if k not in resumable]
     if refused:

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from . import distributed
 from .config import (OPTIMIZERS, DatasetConfig, LoraConfig, ModelPaths, RunConfig, SampleConfig, TrainConfig,
                      load_run_config)
 from .errors import TrainerInputError, TrainingStopped
@@ -103,31 +104,39 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
     """Cache → free the text encoders → load the transformer → train → ``samples.png`` and ``loss.png``.
 
     ``load_transformer`` is called only once the text encoders are gone, so the two never share memory.
+    On N processes, process 0 caches (the others read its cache: the cache folder must be one they all see),
+    shows progress and writes every file; ``vae`` and ``text_encoder`` are needed on process 0 only, unless
+    training needs the text encoders live (:func:`needs_live_text`).
     """
     from .data.cache import build_cache, build_prompt_cache
     from .data.dataset import scan_dataset
     from .fileio import ensure_writable_dir
     from .metrics import plot_loss
-    from .train import ValidationPrompts, sample_validation, train_lora
+    from .train import Callbacks, ValidationPrompts, sample_validation, train_lora
 
     run.validate()
     ensure_writable_dir(out, "output.folder")
-    items = scan_dataset(run.dataset)
     cache_dir = Path(run.output.cache_folder) if run.output.cache_folder else out / "cache"
-    cache = build_cache(items, vae, text_encoder, cache_dir, progress=TqdmProgress("caching"),
-                        empty_caption=run.train.caption_dropout > 0)
-    log.info("cache: %d items (%d reused, %d encoded) in %s", len(cache), cache.reused, cache.encoded, cache_dir)
-    prompts = run.sample.prompts or sorted(set(cache.captions))[:4]
-    validation = ValidationPrompts(build_prompt_cache(prompts, text_encoder, cache_dir), run.sample)
+
+    def cache_dataset():
+        cache = build_cache(scan_dataset(run.dataset), vae, text_encoder, cache_dir, progress=TqdmProgress("caching"),
+                            empty_caption=run.train.caption_dropout > 0)
+        log.info("cache: %d items (%d reused, %d encoded) in %s", len(cache), cache.reused, cache.encoded, cache_dir)
+        prompts = run.sample.prompts or sorted(set(cache.captions))[:4]
+        return cache, prompts, build_prompt_cache(prompts, text_encoder, cache_dir)
+
+    cache, prompts, prompt_embeddings = distributed.on_main(cache_dataset)
+    validation = ValidationPrompts(prompt_embeddings, run.sample)
     # Everything is cached now: the encoders can go before the transformer arrives, unless training needs them
     # live (a text-encoder LoRA, or captions whose tags are shuffled each step).
-    live_text = run.lora.text_encoders != "none" or run.train.shuffle_tags
-    if not live_text:
+    if not needs_live_text(run):
         text_encoder = None
-    vae.vae.to("cpu")
+    if vae is not None:
+        vae.vae.to("cpu")
     transformer = load_transformer()
 
-    callbacks = TqdmCallbacks(run.train.steps, price_per_gpu_hour)
+    main = distributed.is_main()
+    callbacks = TqdmCallbacks(run.train.steps, price_per_gpu_hour) if main else Callbacks()
     try:
         result = train_lora(
             transformer, cache, lora_cfg=run.lora, train_cfg=run.train, mem_cfg=run.memory,
@@ -143,7 +152,10 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
     except KeyboardInterrupt as exc:
         raise Interrupted(callbacks.checkpoint) from exc
     finally:
-        callbacks.bar.close()
+        if main:
+            callbacks.bar.close()
+    if not main:
+        return 0
 
     dtype = torch.bfloat16 if run.train.compute_dtype == "bf16" else torch.float32
     transformer.disable_adapters()  # the same prompts and noise through the base model, for comparison
@@ -188,6 +200,11 @@ def parse_device(text: str) -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise TrainerInputError(f"--device: '{text}' is not supported; use cpu, cuda, cuda:N or mps.")
     return device
+
+
+def needs_live_text(run: RunConfig) -> bool:
+    """Training runs the text encoders (a text-encoder LoRA, or tags shuffled each step), not only the cache."""
+    return run.lora.text_encoders != "none" or run.train.shuffle_tags
 
 
 def demo_run_config(resolution: int, steps: int, learning_rate: float, seed: int) -> RunConfig:
@@ -305,11 +322,13 @@ def cmd_train(args) -> int:
     out = Path(run.output.folder)
     dtype = torch.bfloat16 if run.train.compute_dtype == "bf16" else torch.float32
     base_name = paths.base_name or Path(paths.transformer).name
+    main = distributed.is_main()  # on N processes only process 0 encodes (and decodes the samples)
     return run_training(
         lambda: load_transformer(paths.transformer, dtype=dtype),  # FLUX.1 or FLUX.2, read from the weights
-        load_vae(paths.vae, device=device),
+        load_vae(paths.vae, device=device) if main else None,
         load_text_encoders(paths.clip_l, paths.t5, tokenizer_dir=paths.tokenizers or None,
-                           t5_max_length=paths.t5_max_length, device=device),
+                           t5_max_length=paths.t5_max_length, device=device)
+        if main or needs_live_text(run) else None,
         run, out, device, base_name, price_per_gpu_hour=args.gpu_price,
     )
 
@@ -368,9 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
     args = build_parser().parse_args(argv)
+    # Under torchrun / accelerate launch (WORLD_SIZE > 1) this process is one of several; otherwise nothing changes.
+    prefix = f"[rank {os.environ.get('RANK', '?')}] " if distributed.launched() else ""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format=prefix + "%(levelname)s %(name)s: %(message)s")
     try:
+        args.device = str(distributed.setup(args.device))
+        if not distributed.is_main():  # the others only warn: one log, one progress bar
+            logging.getLogger().setLevel(logging.WARNING)
         with logging_redirect_tqdm():  # log lines print above the progress bars instead of through them
             return args.func(args)
     except TrainerInputError as exc:
@@ -393,3 +417,5 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: the disk is full ({exc.filename or exc}); free some space and run again.", file=sys.stderr)
         return 1
+    finally:
+        distributed.teardown()

@@ -65,7 +65,10 @@ class TextConditioning:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for model in self.trained.values() for p in lora.adapter_parameters(model).values()]
 
-    def batch(self, indices: list[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: list[int], generator: torch.Generator,
+              shard: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """``shard``: the part of the (global) batch ``indices`` this process trains on; captions are drawn for
+        the whole batch, so every process draws the same."""
         cfg = self.cfg
         captions = [self.cache.items[i].caption for i in indices]
         if cfg.caption_dropout or cfg.shuffle_tags:
@@ -74,6 +77,7 @@ class TextConditioning:
             rng = random.Random(seed)
             captions = [caption_variant(c, rng, cfg.caption_dropout, cfg.shuffle_tags, cfg.keep_tags)
                         for c in captions]
+        indices, captions = indices[shard], captions[shard]
         if self.live_encode:
             with torch.inference_mode(False):  # ComfyUI encodes under inference mode; training needs plain tensors
                 hidden, pooled = (t.to(self.device).clone() for t in self.text_encoder.encode(captions))

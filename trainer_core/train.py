@@ -23,7 +23,7 @@ from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError
 
 from . import checkpoint as ckpt
-from . import flow, lora, memory
+from . import distributed, flow, lora, memory
 from .config import EXPORT_FORMATS, LoraConfig, MemoryConfig, SampleConfig, TrainConfig
 from .data.cache import LatentCache
 from .data.dataset import BatchOrder
@@ -149,27 +149,39 @@ class TrainingSession:
         self.text = TextConditioning(cache, text_encoder, lora_cfg, train_cfg, self.device)
         transformer_params, text_params = lora.lora_parameters(self.transformer), self.text.parameters()
         self.params = transformer_params + text_params
+        distributed.broadcast_parameters(self.params)  # every process starts from process 0's LoRA, as DDP does
         self.optimizer = build_optimizer([
             {"params": transformer_params},
             {"params": text_params, "lr": train_cfg.text_encoder_lr or train_cfg.learning_rate},
         ], train_cfg)
         self.scheduler = build_scheduler(self.optimizer, train_cfg)
         self.ema = EMAModel(self.params, decay=train_cfg.ema_decay) if train_cfg.ema_decay else None
-        self.order = BatchOrder(cache.sizes, train_cfg.batch_size, cache.repeats, train_cfg.seed)
+        # On N processes (distributed.setup) each one trains on its shard of the global batch; on one, the shard
+        # is the whole batch.
+        self.processes = distributed.world_size()
+        self.order = BatchOrder(cache.sizes, train_cfg.batch_size, cache.repeats, train_cfg.seed, self.processes)
+        self.shard = self.order.shard(distributed.rank())
+        log.info("global batch %d = %d per process × %d process(es) × %d accumulation; %d steps per epoch",
+                 self.order.batch_size * train_cfg.gradient_accumulation, train_cfg.batch_size, self.processes,
+                 train_cfg.gradient_accumulation, math.ceil(self.order.batches_per_epoch
+                                                            / train_cfg.gradient_accumulation))
+        distributed.check_same(self.fingerprint(), "training settings")
         # Noise and σ come from a private CPU generator, so runs match across devices and resume exactly.
         self.generator = torch.Generator().manual_seed(train_cfg.seed)
         self.step_count = 0
         self.transformer.train()  # FLUX has no dropout; nf4 layers must never see eval() (reference.md §2)
 
     def _batch(self, micro_index: int):
+        """This process's shard of micro-batch ``micro_index`` and the size of the global batch."""
         indices = self.order.batch(micro_index)
-        x0 = torch.stack([self.cache.latent(i) for i in indices]).float()
-        hidden, pooled = self.text.batch(indices, self.generator)
+        mine = indices[self.shard]
+        x0 = torch.stack([self.cache.latent(i) for i in mine]).float()
+        hidden, pooled = self.text.batch(indices, self.generator, self.shard)
         weight = None
         if self.cache.has_masks:  # items without a mask train on every latent cell
-            masks = [self.cache.mask(i) for i in indices]
+            masks = [self.cache.mask(i) for i in mine]
             weight = torch.stack([m if m is not None else torch.ones(1, *x0.shape[-2:]) for m in masks]).float()
-        return x0, hidden, pooled, weight
+        return len(indices), x0, hidden, pooled, weight
 
     def step(self) -> float:
         """One optimizer step over ``gradient_accumulation`` micro-batches; returns the mean loss.
@@ -182,6 +194,10 @@ class TrainingSession:
         rng_at_start = self.generator.get_state(), torch.get_rng_state()
         try:
             total = self._accumulate(cfg)
+            # The mean over processes of equal shards is the global batch's mean (masked losses aside: each shard
+            # is normalised by its own mask area, as each micro-batch of an accumulation is). All processes then see
+            # the same loss, so a non-finite one stops them all at this step.
+            (total,) = distributed.average_gradients(self.params, total)
             if not math.isfinite(total):
                 raise TrainingStopped(f"loss became {total} at step {self.step_count + 1}")
         except BaseException:
@@ -200,17 +216,19 @@ class TrainingSession:
         return total
 
     def _accumulate(self, cfg: TrainConfig) -> float:
-        """Forward and backward over the step's micro-batches; returns the mean loss."""
+        """Forward and backward over the step's micro-batches (this process's shard of each); returns the mean loss."""
         accum = cfg.gradient_accumulation
         total = 0.0
         for j in range(accum):
-            x0, hidden, pooled, weight = self._batch(self.step_count * accum + j)
-            noise = torch.randn(x0.shape, generator=self.generator)
+            size, x0, hidden, pooled, weight = self._batch(self.step_count * accum + j)
+            # Every process draws the noise and σ of the whole global batch and keeps its shard: the numbers one
+            # process with the global batch draws, and the generators stay in step.
+            noise = torch.randn((size, *x0.shape[1:]), generator=self.generator)[self.shard]
             sigma = flow.sample_sigmas(
-                x0.shape[0], cfg.timestep_sampling, self.family.image_token_count(*x0.shape[-2:]), self.generator,
+                size, cfg.timestep_sampling, self.family.image_token_count(*x0.shape[-2:]), self.generator,
                 mean=cfg.sigmoid_mean, std=cfg.sigmoid_std, scale=cfg.sigmoid_scale, shift=cfg.shift,
                 family=self.family,
-            )
+            )[self.shard]
             x0, noise, sigma = (t.to(self.device) for t in (x0, noise, sigma))
             loss = flow.flow_matching_loss(
                 self.transformer, x0.to(self.dtype), noise.to(self.dtype), sigma, hidden.to(self.device),
@@ -244,6 +262,7 @@ class TrainingSession:
             "train": train,
             "data": self.cache.fingerprint,
             "targets": len(self.targets),
+            "processes": self.processes,  # the global batch and the data shards depend on it
         }
 
     def state(self, losses: list[float]) -> ckpt.TrainingState:
@@ -322,30 +341,39 @@ def train_lora(
     ``checkpoint_every`` steps, and on interrupt or error (then the exception is re-raised). With
     ``resume`` the newest checkpoint there is continued exactly. A fresh run never reuses the name of an
     earlier LoRA or of an earlier run's checkpoints: it takes ``<name>_001`` and so on.
+
+    On N processes (:func:`distributed.setup`) every process calls this with the same arguments; process 0 alone
+    writes files (LoRA, checkpoints, metrics) and samples; the others get the same :class:`TrainResult`.
     """
     callbacks = callbacks or Callbacks()
-    output_dir = ensure_writable_dir(Path(output_dir), "output folder")
-    checkpoint_root = Path(checkpoint_root or output_dir / "checkpoints")
-    name = run_name(output_dir, checkpoint_root, safe_output_name(output_name), resume, overwrite)
-    checkpoint_dir = ensure_writable_dir(checkpoint_root / name, "checkpoint folder")
-    metrics_path = Path(metrics_path or checkpoint_dir / "metrics.jsonl")
-    if not resume:
-        metrics_path.unlink(missing_ok=True)
-        for old in ckpt.list_checkpoints(checkpoint_dir):  # only non-empty when overwrite was asked for
-            old.unlink()
-    metrics = MetricsLog(metrics_path)
-    # A save killed mid-write leaves its temporary file behind. The checkpoint folder is this run's alone; in the
-    # output folder only this run's own LoRA names are cleaned.
-    remove_stale_temp_files(checkpoint_dir)
-    remove_stale_temp_files(output_dir, [_adapter_file_name(stem, fmt) for stem in (name, f"{name}_ema")
-                                         for fmt in ("default", *EXPORT_FORMATS)])
+
+    def prepare_folders() -> tuple[Path, str, Path, Path]:
+        out = ensure_writable_dir(Path(output_dir), "output folder")
+        root = Path(checkpoint_root or out / "checkpoints")
+        name = run_name(out, root, safe_output_name(output_name), resume, overwrite)
+        checkpoint_dir = ensure_writable_dir(root / name, "checkpoint folder")
+        metrics_file = Path(metrics_path or checkpoint_dir / "metrics.jsonl")
+        if not resume:
+            metrics_file.unlink(missing_ok=True)
+            for old in ckpt.list_checkpoints(checkpoint_dir):  # only non-empty when overwrite was asked for
+                old.unlink()
+        # A save killed mid-write leaves its temporary file behind. The checkpoint folder is this run's alone; in
+        # the output folder only this run's own LoRA names are cleaned.
+        remove_stale_temp_files(checkpoint_dir)
+        remove_stale_temp_files(out, [_adapter_file_name(stem, fmt) for stem in (name, f"{name}_ema")
+                                      for fmt in ("default", *EXPORT_FORMATS)])
+        return out, name, checkpoint_dir, metrics_file
+
+    output_dir, name, checkpoint_dir, metrics_path = distributed.on_main(prepare_folders)
+    metrics = MetricsLog(metrics_path) if distributed.is_main() else None
 
     # Nodes run under inference mode (reference.md §3); training needs autograd whatever the caller did.
     with torch.inference_mode(False), torch.enable_grad():
         session = TrainingSession(transformer, cache, lora_cfg, train_cfg, mem_cfg, device, text_encoder)
         try:
-            return _run(session, callbacks, metrics, output_dir, name, checkpoint_dir, resume, overwrite,
-                        validation, metadata or {})
+            with distributed.deferred_stop_signals():
+                return _run(session, callbacks, metrics, output_dir, name, checkpoint_dir, resume, overwrite,
+                            validation, metadata or {})
         finally:
             session.close()
 
@@ -363,14 +391,15 @@ def run_name(output_dir: Path, checkpoint_root: Path, name: str, resume: bool, o
     return stem
 
 
-def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog, output_dir: Path, name: str,
+def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog | None, output_dir: Path, name: str,
          checkpoint_dir: Path, resume: bool, overwrite: bool, validation: ValidationPrompts | None,
          metadata: dict[str, Any]) -> TrainResult:
     cfg = session.train_cfg
     losses: list[float] = []
     resumed_from = 0
     if resume:
-        path = ckpt.latest_checkpoint(checkpoint_dir)
+        # Process 0 picks the checkpoint; every process reads it (nothing is written before they all have).
+        path = distributed.on_main(ckpt.latest_checkpoint, checkpoint_dir)
         if path is None:
             log.info("resume: no checkpoint in %s, starting at step 0", checkpoint_dir)
         else:
@@ -382,34 +411,43 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog, ou
             losses = state.losses
             resumed_from = state.step
             log.info("resumed from %s at step %d", path, state.step)
-        metrics.resume_at(resumed_from)
+        if metrics:
+            metrics.resume_at(resumed_from)
 
     last_checkpoint: Path | None = None
 
     def save_checkpoint() -> Path:
+        """Written by process 0; every process holds the same state, so its file is everyone's checkpoint."""
         nonlocal last_checkpoint
-        last_checkpoint = ckpt.save_checkpoint(checkpoint_dir, session.state(losses), cfg.keep_checkpoints)
-        callbacks.on_checkpoint(last_checkpoint)
+        if distributed.is_main():
+            last_checkpoint = ckpt.save_checkpoint(checkpoint_dir, session.state(losses), cfg.keep_checkpoints)
+            callbacks.on_checkpoint(last_checkpoint)
+        else:
+            last_checkpoint = ckpt.checkpoint_path(checkpoint_dir, session.step_count)
         return last_checkpoint
 
+    main = distributed.is_main()
     started = time.perf_counter()
     ctrl_c = _CtrlCBetweenSteps()
     try:
         while session.step_count < cfg.steps:
-            if ctrl_c.requested:
-                raise KeyboardInterrupt
-            if callbacks.should_stop():
+            # On N processes a stop (a callback's, Ctrl+C between steps, or Ctrl+C / SIGTERM passed on by the
+            # launcher) is agreed first, so all of them stop at the same step.
+            if distributed.any_process(callbacks.should_stop() or ctrl_c.requested or distributed.stop_signalled()):
+                if ctrl_c.requested:
+                    raise KeyboardInterrupt
                 raise TrainingStopped(f"stopped at step {session.step_count} on request")
             t0 = time.perf_counter()
             loss = session.step()
             if not session.weights_finite():
                 raise TrainingStopped(f"the LoRA weights became non-finite at step {session.step_count}")
             losses.append(loss)
-            metrics.append({"step": session.step_count, "loss": loss, "lr": session.lr})
+            if metrics:
+                metrics.append({"step": session.step_count, "loss": loss, "lr": session.lr})
             callbacks.on_step(StepInfo(session.step_count, cfg.steps, loss, session.lr, time.perf_counter() - t0))
             if cfg.checkpoint_every and session.step_count % cfg.checkpoint_every == 0 and session.step_count < cfg.steps:
                 save_checkpoint()
-            if validation and validation.config.every and session.step_count % validation.config.every == 0:
+            if main and validation and validation.config.every and session.step_count % validation.config.every == 0:
                 callbacks.on_sample(session.step_count, session.sample(validation))
     except BaseException as exc:
         # Interrupt, error or divergence: keep the weights of the last completed step, unless they are not finite —
@@ -419,6 +457,10 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog, ou
             path = save_checkpoint()
         else:
             path = last_checkpoint if finite else ckpt.latest_checkpoint(checkpoint_dir)
+        if isinstance(exc, TrainingStopped):
+            # Every process raised this one at the same step (agreed stop, or the averaged loss): the others wait
+            # for process 0's checkpoint, or the launcher, seeing them exit, would kill it mid-write.
+            distributed.barrier()
         log.warning("training stopped at step %d (%s); resumable checkpoint: %s", session.step_count,
                     str(exc) or type(exc).__name__, path)
         if isinstance(exc, TrainingStopped):
@@ -439,19 +481,24 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog, ou
         "dataset_hash": session.cache.fingerprint,
         "training_settings": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
     }
-    # The checkpoint first: if the LoRA cannot be written (a full disk, which no check beforehand can know),
-    # the finished run is kept and a resume writes the LoRA without training again.
-    final_checkpoint = save_checkpoint()
-    try:
-        lora_path, extra_files = _save_adapters(session, output_dir, name, meta, overwrite)
-    except (OSError, SafetensorError) as exc:
-        reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
-        raise TrainingStopped(
-            f"could not write the LoRA to '{output_dir}' ({reason}); the finished run is kept in checkpoint "
-            f"'{final_checkpoint}': free some space, then run again with resume on to write the LoRA.",
-            checkpoint=final_checkpoint,
-        ) from exc
-    if validation and validation.embeddings:
+
+    def save_outputs() -> tuple[Path, list[Path], Path]:
+        # The checkpoint first: if the LoRA cannot be written (a full disk, which no check beforehand can know),
+        # the finished run is kept and a resume writes the LoRA without training again.
+        final_checkpoint = save_checkpoint()
+        try:
+            lora_path, extra_files = _save_adapters(session, output_dir, name, meta, overwrite)
+        except (OSError, SafetensorError) as exc:
+            reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+            raise TrainingStopped(
+                f"could not write the LoRA to '{output_dir}' ({reason}); the finished run is kept in checkpoint "
+                f"'{final_checkpoint}': free some space, then run again with resume on to write the LoRA.",
+                checkpoint=final_checkpoint,
+            ) from exc
+        return lora_path, extra_files, final_checkpoint
+
+    lora_path, extra_files, final_checkpoint = distributed.on_main(save_outputs)
+    if main and validation and validation.embeddings:
         callbacks.on_sample(session.step_count, session.sample(validation))
     log.info("trained %d steps in %.1f s; LoRA: %s", session.step_count - resumed_from, elapsed, lora_path)
     return TrainResult(lora_path, losses, session.step_count, resumed_from, final_checkpoint, extra_files)

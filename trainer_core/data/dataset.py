@@ -235,9 +235,15 @@ class BatchOrder:
     A size group's last batch is topped up from the start of that group, so every batch has exactly
     ``batch_size`` items and memory per step stays constant.
     ``items``: DatasetItems, or their (width, height) sizes such as ``LatentCache.sizes``.
+
+    With ``processes`` > 1 (data-parallel training) a batch is the global batch of ``batch_size × processes``
+    items, formed exactly as one process with that batch size would form it, and process ``r`` trains on
+    ``batch[shard(r)]``: every process takes the same number of steps, all on one bucket size, and N processes
+    see the data of one process with the global batch.
     """
 
-    def __init__(self, items: Sequence, batch_size: int, repeats: int | Sequence[int] = 1, seed: int = 0):
+    def __init__(self, items: Sequence, batch_size: int, repeats: int | Sequence[int] = 1, seed: int = 0,
+                 processes: int = 1):
         sizes = [(x.width, x.height) if isinstance(x, DatasetItem) else tuple(x) for x in items]
         if not sizes:
             raise TrainerInputError("dataset: there are no items to train on. Add images to the dataset folder.")
@@ -250,9 +256,10 @@ class BatchOrder:
         for index, (size, count) in enumerate(zip(sizes, counts)):
             groups.setdefault(size, []).extend([index] * count)
         self._groups = [groups[size] for size in sorted(groups)]
-        self.batch_size = batch_size
+        self.per_process = batch_size
+        self.batch_size = batch_size * processes
         self.seed = seed
-        self.batches_per_epoch = sum(math.ceil(len(g) / batch_size) for g in self._groups)
+        self.batches_per_epoch = sum(math.ceil(len(g) / self.batch_size) for g in self._groups)
         self._epoch: int | None = None
         self._batches: list[list[int]] = []
 
@@ -264,6 +271,10 @@ class BatchOrder:
         if epoch != self._epoch:
             self._batches, self._epoch = self._epoch_batches(epoch), epoch
         return list(self._batches[position])
+
+    def shard(self, rank: int) -> slice:
+        """The positions in each batch that process ``rank`` trains on."""
+        return slice(rank * self.per_process, (rank + 1) * self.per_process)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(f"batch-order:{self.seed}:{epoch}")
