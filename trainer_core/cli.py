@@ -81,10 +81,13 @@ def save_image_grid(rows: list[torch.Tensor], path: Path) -> Path:
 
 
 def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path, device, base_name: str,
-                 metrics_path: Path | None = None, price_per_gpu_hour: float | None = None) -> int:
+                 metrics_path: Path | None = None, price_per_gpu_hour: float | None = None,
+                 model_config: dict | None = None) -> int:
     """Cache → free the text encoders → load the transformer → train → ``samples.png`` and ``loss.png``.
 
-    ``load_transformer`` is called only once the text encoders are gone, so the two never share memory.
+    ``load_transformer`` is called only once the text encoders are gone, so the two never share memory. Given
+    the transformer's ``model_config``, the memory plan is made and checked against VRAM and host RAM first,
+    and ``load_transformer(base_precision)`` streams the base straight to the planned precision.
     """
     from .data.cache import build_cache, build_prompt_cache
     from .data.dataset import scan_dataset
@@ -105,12 +108,27 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
     if not live_text:
         text_encoder = None
     vae.vae.to("cpu")
-    transformer = load_transformer()
+    mem_cfg = run.memory
+    if model_config is None:
+        transformer = load_transformer()
+    else:
+        from . import memory
+
+        workload = memory.Workload.for_training(model_config, cache.sizes, cache.text(0)[0].shape[0], run.lora,
+                                                run.train)
+        mem_cfg, vram = memory.plan_memory(run.memory, workload, device=device)
+        live_bytes = sum(p.numel() * p.element_size() for m in (text_encoder.clip_model, text_encoder.t5_model)
+                         for p in m.parameters()) if live_text else 0
+        memory.check_host_ram(memory.estimate_host_ram(vram, model_config, mem_cfg,
+                                                       compute_dtype=run.train.compute_dtype,
+                                                       text_encoder_bytes=live_bytes, text_encoders_live=live_text),
+                              mem_cfg)
+        transformer = load_transformer(None if mem_cfg.base_precision == "auto" else mem_cfg.base_precision)
 
     callbacks = TqdmCallbacks(run.train.steps, price_per_gpu_hour)
     try:
         result = train_lora(
-            transformer, cache, lora_cfg=run.lora, train_cfg=run.train, mem_cfg=run.memory,
+            transformer, cache, lora_cfg=run.lora, train_cfg=run.train, mem_cfg=mem_cfg,
             output_dir=out, output_name=run.output.name, resume=run.output.resume,
             overwrite=run.output.overwrite, metrics_path=metrics_path, validation=validation,
             callbacks=callbacks, device=device, text_encoder=text_encoder,
@@ -186,7 +204,7 @@ _OVERRIDES = {
 
 def cmd_train(args) -> int:
     from .models.encoders import load_text_encoders, load_vae
-    from .models.flux import load_flux_transformer
+    from .models.flux import flux_file_config, load_flux_transformer
 
     run = load_run_config(Path(args.config)) if args.config else RunConfig()
     for flag, (section, name, _) in _OVERRIDES.items():
@@ -210,11 +228,12 @@ def cmd_train(args) -> int:
     dtype = torch.bfloat16 if run.train.compute_dtype == "bf16" else torch.float32
     base_name = paths.base_name or Path(paths.transformer).name
     return run_training(
-        lambda: load_flux_transformer(paths.transformer, dtype=dtype),
+        lambda precision: load_flux_transformer(paths.transformer, dtype=dtype, base_precision=precision),
         load_vae(paths.vae, device=device),
         load_text_encoders(paths.clip_l, paths.t5, tokenizer_dir=paths.tokenizers or None,
                            t5_max_length=paths.t5_max_length, device=device),
         run, out, device, base_name, price_per_gpu_hour=args.gpu_price,
+        model_config=flux_file_config(paths.transformer),
     )
 
 
