@@ -311,10 +311,11 @@ def estimate_vram(
     image_tokens = (height // 16) * (width // 16)
     tokens = image_tokens + text_tokens
     u = batch * tokens * hidden * cb
-    # Without a fused kernel each block materialises softmax(QKᵀ) (batch · heads · tokens² values): kept for
-    # backward by blocks that keep their activations, and in the transient twice (scores and probabilities).
-    attn = 0.0 if fused_attention else model.config.num_attention_heads * tokens / hidden
-    attn_extra = (attn,) * 4 + (2 * attn,) * 2  # added to S, S, P, P, Q, Q (P: recomputed, then backward)
+    # Without a fused kernel, PyTorch's math attention computes in fp32 and materialises softmax(QKᵀ)
+    # (batch · heads · tokens² fp32 values): kept for backward by blocks that keep their activations; scores and
+    # their gradient add as much again while computing (measured by the dry run's test).
+    attn = 0.0 if fused_attention else model.config.num_attention_heads * tokens * 4 / (hidden * cb)
+    attn_extra = (attn,) * 2 + (2 * attn,) * 4  # added to S, S, P, P, Q, Q
     cuda_saving = (_CUDA_RMSNORM_SAVING,) * 4 + (0.0, 0.0) if device_type == "cuda" else (0.0,) * 6
     with_lora = [c - d + a for c, d, a in zip(_COEFFS.get(targets, _COEFFS["all+ffs"]), cuda_saving, attn_extra)]
     frozen = [c - d + a for c, d, a in zip(_FROZEN, cuda_saving, attn_extra)]
