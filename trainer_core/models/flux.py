@@ -12,9 +12,12 @@ so a 24 GB checkpoint is held in memory once.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Union
@@ -352,14 +355,17 @@ def _infer(src: TensorReader) -> tuple[list[_Entry], dict]:
     return entries, config
 
 
-def _convert(src: TensorReader, entries: list[_Entry], dtype: torch.dtype | None, device) -> dict[str, torch.Tensor]:
+def _convert(src: TensorReader, entries: list[_Entry], dtype: torch.dtype | None, device,
+             copy: bool = False) -> dict[str, torch.Tensor]:
+    """``copy``: always into new memory (tensors read from a file are views of its mapping otherwise, and one kept
+    tensor would keep the whole mapping, pages read included, in the process's resident set)."""
     out = {}
     for e in entries:
         tensor = src.get(e.source_key, e.rows)
         if e.swap_halves:
             shift, scale = tensor.chunk(2, dim=0)
             tensor = torch.cat([scale, shift], dim=0)
-        out[e.diffusers_key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        out[e.diffusers_key] = tensor.to(device=device, dtype=dtype or tensor.dtype, copy=copy)
     return out
 
 
@@ -439,6 +445,23 @@ def _groups(entries: list[_Entry]) -> list[tuple[int | None, list[_Entry]]]:
             for (kind, i), group in sorted(groups.items())]
 
 
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim if sys.platform.startswith("linux") else None
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Give the memory of a block's freed compute-dtype copy back to the system. glibc keeps freed chunks below
+    its (self-raising) mmap threshold in the heap, so without this the resident set creeps up by most of a
+    block per block — measured: +150 MB over 8 blocks of width 1024, the whole point of streaming lost."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _stream(model, entries: list[_Entry], read_group, name: str, dtype: torch.dtype, base_precision: str | None):
     """Fill the meta-device ``model`` group by group, each block going to its storage precision at once.
 
@@ -453,6 +476,7 @@ def _stream(model, entries: list[_Entry], read_group, name: str, dtype: torch.dt
         _adopt(model, read_group(group), name)
         if index is not None and base_precision:
             store_block(blocks[index], base_precision, dtype)
+            _return_freed_memory()
     left = [k for k, t in model.state_dict().items() if t.is_meta]
     if left:
         raise _not_flux(name, left, "these tensors were never loaded")
@@ -512,7 +536,7 @@ def load_flux_transformer(source: Source, dtype: torch.dtype = torch.bfloat16, d
         # Opened per block: closing the file unmaps the pages just read, so they do not stay in the process's
         # resident set beside the converted weights (the whole file would otherwise end up resident).
         with open_safetensors(path, "FLUX.1 transformer file") as handle:
-            return _convert(TensorReader.from_file(handle, path), group, dtype, device)
+            return _convert(TensorReader.from_file(handle, path), group, dtype, device, copy=True)
 
     model = _stream(_empty_model(config), entries, read, str(path), dtype, base_precision)
     log.info("loaded FLUX.1 transformer %s: %d double + %d single blocks, width %d%s", path.name,
