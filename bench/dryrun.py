@@ -291,14 +291,15 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
+def write_results(text: str, mark: str = MARK) -> None:
+    """Replace the section under ``mark`` in RESULTS.md (up to the next section marker), atomically."""
     old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    if MARK in old:
-        head, _, rest = old.partition(MARK)
+    if mark in old:
+        head, _, rest = old.partition(mark)
         tail = rest.split("<!-- ", 1)
-        old = head + ("<!-- " + tail[1] if len(tail) > 1 else "")
+        old = head.rstrip("\n") + ("\n\n<!-- " + tail[1] if len(tail) > 1 else "")
     tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(old.rstrip("\n") + f"\n\n{MARK}\n{text}\n", encoding="utf-8")
+    tmp.write_text(old.rstrip("\n") + f"\n\n{mark}\n{text}\n", encoding="utf-8")
     tmp.replace(RESULTS)
 
 
