@@ -14,8 +14,10 @@ tokens) on a card of that size, leaving room for the CUDA context and allocator 
 | 80gb | bf16 | 0              | none                   | GPU         | yes     | 2     | adamw     | 61.6 / 35.5 GiB     |
 
 LoRA master weights are fp32 in every tier. ``auto`` takes the largest tier whose estimate fits the free
-VRAM (or ``vram_budget_gb``) for the actual resolution, batch, rank and targets. Any knob set explicitly
-overrides the tier's value.
+VRAM (or ``vram_budget_gb``) for the actual resolution, batch, rank and targets; for a tier that swaps blocks
+it then takes the same tier with an nf4 base and the fewest swapped blocks that fit instead, when that plan's
+step-time floor (transfers at ``H2D_GB_PER_S`` vs FLOPs at ``GPU_TFLOPS``, see ``VramEstimate.bound``) is lower.
+Any knob set explicitly overrides the tier's value (and is never traded away).
 """
 
 from __future__ import annotations
