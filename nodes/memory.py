@@ -1,4 +1,5 @@
-"""FluxLoraMemory: a VRAM preset plus the user's own knobs → FLUX_LORA_MEMORY, with the peak-VRAM estimate."""
+"""FluxLoraMemory: a VRAM preset plus the user's own knobs → FLUX_LORA_MEMORY, with the peak-VRAM and host-RAM
+estimates."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def plan(preset: str, knobs: dict, resolution: int = 1024, rank: int = 16):
     """
     import dataclasses
 
-    from ..trainer_core.memory import Workload, check_fits, free_vram_bytes, resolve_preset
+    from ..trainer_core.memory import (Workload, available_host_bytes, check_fits, estimate_host_ram,
+                                       free_vram_bytes, resolve_preset)
     from ..trainer_core.memory.estimate import GiB
 
     workload = Workload(resolution=resolution, rank=rank)
@@ -53,19 +55,22 @@ def plan(preset: str, knobs: dict, resolution: int = 1024, rank: int = 16):
     else:
         free = free_vram_bytes()
         room = "no GPU found" if free is None else f"{free / GiB:.1f} GiB of VRAM free now"
+    host = estimate_host_ram(estimate, None, mem)
+    host_text = f"{host.summary()}\n  {available_host_bytes() / GiB:.1f} GiB of host RAM available now"
     chosen = f"preset {preset}" + (f" → {mem.preset}" if mem.preset != preset else "")
     mem = dataclasses.replace(mem, preset="none")
     text = (f"{chosen}: {mem.base_precision} base, {mem.blocks_to_swap} blocks swapped, checkpointing "
             f"{'on' if mem.gradient_checkpointing else 'off'}"
             + (", activations in host RAM" if mem.offload_activations else "")
             + (", compiled blocks" if mem.compile_blocks else "")
-            + f" ({room}; rank {rank})\n{estimate.summary()}")
+            + f" ({room}; rank {rank})\n{estimate.summary()}\n{host_text}")
     return mem, text
 
 
 class FluxLoraMemory:
     DESCRIPTION = ("Memory settings for FLUX LoRA Train: a VRAM preset (8gb … 80gb, or auto) with any knob set here "
-                   "overriding it. Shows the estimated peak VRAM of a training step; a vram_budget_gb the "
+                   "overriding it. Shows the estimated peak VRAM of a training step and the host RAM the plan "
+                   "needs (swapped blocks, offloaded activations, loading the base); a vram_budget_gb the "
                    "estimate exceeds is refused with what to change.")
     CATEGORY = CATEGORY
     FUNCTION = "configure"
@@ -73,7 +78,7 @@ class FluxLoraMemory:
     RETURN_NAMES = ("memory", "estimate")
     OUTPUT_TOOLTIPS = (
         "The memory settings; connect to FLUX LoRA Train's memory input.",
-        "The VRAM estimate as text (also shown under the node).",
+        "The VRAM and host-RAM estimates as text (also shown under the node).",
     )
 
     @classmethod

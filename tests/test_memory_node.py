@@ -144,3 +144,13 @@ def test_train_node_hands_the_memory_config_to_the_trainer(pack, monkeypatch):
         pack.train.FluxLoraTrain().train(object(), data, 4, 4.0, 1e-4, 10, "adamw", "flux_shift", 1.0, 0, 0,
                                          "memory_test", False, memory=mem)
     assert received["mem_cfg"] is mem
+
+
+def test_the_node_shows_host_ram_beside_vram(pack):
+    _, text = configure(pack, "8gb")["result"]
+    host = text[text.index("host RAM estimate"):]
+    assert "swapped blocks pinned" in host and "offloaded activations" in host and "available now" in host
+    pinned = float(re.search(r"of which ([\d.]+) GiB swapped blocks pinned", host).group(1))
+    assert 8 < pinned < 10  # 45 of FLUX.1-dev's 57 blocks in fp8
+    _, roomy = configure(pack, "24gb")["result"]
+    assert "none (every block moves to the GPU" in roomy

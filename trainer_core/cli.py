@@ -100,10 +100,13 @@ def save_image_grid(rows: list[torch.Tensor], path: Path) -> Path:
 
 
 def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path, device, base_name: str,
-                 metrics_path: Path | None = None, price_per_gpu_hour: float | None = None) -> int:
+                 metrics_path: Path | None = None, price_per_gpu_hour: float | None = None,
+                 model_config: dict | None = None) -> int:
     """Cache → free the text encoders → load the transformer → train → ``samples.png`` and ``loss.png``.
 
-    ``load_transformer`` is called only once the text encoders are gone, so the two never share memory.
+    ``load_transformer(base_precision)`` is called only once the text encoders are gone, so the two never share
+    memory. Given the transformer's ``model_config``, the memory plan is made and checked against VRAM and host RAM
+    first, and the base streams straight to the planned precision (``base_precision`` is None without a plan).
     On N processes, process 0 caches (the others read its cache: the cache folder must be one they all see),
     shows progress and writes every file; ``vae`` and ``text_encoder`` are needed on process 0 only, unless
     training needs the text encoders live (:func:`needs_live_text`).
@@ -133,13 +136,29 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
         text_encoder = None
     if vae is not None:
         vae.vae.to("cpu")
-    transformer = load_transformer()
+    mem_cfg = run.memory
+    if model_config is None:
+        transformer = load_transformer(None)
+    else:
+        from . import memory
+
+        live_text = text_encoder is not None
+        workload = memory.Workload.for_training(model_config, cache.sizes, cache.text(0)[0].shape[0], run.lora,
+                                                run.train)
+        mem_cfg, vram = memory.plan_memory(run.memory, workload, device=device)
+        live_bytes = sum(p.numel() * p.element_size() for m in (text_encoder.clip_model, text_encoder.t5_model)
+                         for p in m.parameters()) if live_text else 0
+        memory.check_host_ram(memory.estimate_host_ram(vram, model_config, mem_cfg,
+                                                       compute_dtype=run.train.compute_dtype,
+                                                       text_encoder_bytes=live_bytes, text_encoders_live=live_text),
+                              mem_cfg)
+        transformer = load_transformer(None if mem_cfg.base_precision == "auto" else mem_cfg.base_precision)
 
     main = distributed.is_main()
     callbacks = TqdmCallbacks(run.train.steps, price_per_gpu_hour) if main else Callbacks()
     try:
         result = train_lora(
-            transformer, cache, lora_cfg=run.lora, train_cfg=run.train, mem_cfg=run.memory,
+            transformer, cache, lora_cfg=run.lora, train_cfg=run.train, mem_cfg=mem_cfg,
             output_dir=out, output_name=run.output.name, resume=run.output.resume,
             overwrite=run.output.overwrite, metrics_path=metrics_path, validation=validation,
             callbacks=callbacks, device=device, text_encoder=text_encoder,
@@ -233,7 +252,7 @@ def cmd_demo(args) -> int:
     run.output.overwrite = True
     print(f"demo: tiny FLUX-architecture model, {len(list(SAMPLES_DIR.glob('*.png')))} bundled images, "
           f"{args.steps} steps on {args.device} → {out}")
-    return run_training(lambda: build_tiny_flow_transformer(seed=args.seed), build_tiny_vae(seed=args.seed),
+    return run_training(lambda _precision: build_tiny_flow_transformer(seed=args.seed), build_tiny_vae(seed=args.seed),
                         build_tiny_text_encoder(seed=args.seed), run, out, device,
                         "tiny-flux (demo)", metrics_path=out / "metrics.jsonl")
 
@@ -318,18 +337,19 @@ def cmd_train(args) -> int:
     if not run.dataset.folder:
         raise TrainerInputError("[dataset] folder: no dataset folder given; set it in the config or use --dataset.")
     # The transformer is loaded only after caching (minutes with a real T5): read its family from the file now.
-    check_transformer(paths.transformer)
+    family = check_transformer(paths.transformer)
     out = Path(run.output.folder)
     dtype = torch.bfloat16 if run.train.compute_dtype == "bf16" else torch.float32
     base_name = paths.base_name or Path(paths.transformer).name
     main = distributed.is_main()  # on N processes only process 0 encodes (and decodes the samples)
     return run_training(
-        lambda: load_transformer(paths.transformer, dtype=dtype),  # FLUX.1 or FLUX.2, read from the weights
+        lambda precision: family.load_transformer(paths.transformer, dtype=dtype, base_precision=precision),
         load_vae(paths.vae, device=device) if main else None,
         load_text_encoders(paths.clip_l, paths.t5, tokenizer_dir=paths.tokenizers or None,
                            t5_max_length=paths.t5_max_length, device=device)
         if main or needs_live_text(run) else None,
         run, out, device, base_name, price_per_gpu_hour=args.gpu_price,
+        model_config=family.file_config(paths.transformer),
     )
 
 

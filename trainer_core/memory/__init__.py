@@ -6,7 +6,8 @@ The trainer calls two functions in this order:
 checkpointing/offload, compile), and ``MemoryHandle.close()`` at the end.
 
 Before training, ``plan_memory`` (or ``resolve_preset`` + ``estimate_vram``) turns a preset into concrete
-knobs and checks that they fit the VRAM available.
+knobs and checks that they fit the VRAM available; ``estimate_host_ram`` + ``check_host_ram`` do the same
+for host RAM before the base is loaded.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from ..config import MemoryConfig
 from .activations import ActivationOffloader, checkpoint_fn
-from .estimate import VramEstimate, estimate_vram, flux_forward_flops
+from .estimate import HostRamEstimate, VramEstimate, estimate_host_ram, estimate_vram, flux_forward_flops
 from .precision import (
     BLOCK_LISTS,
     apply_base_precision,
@@ -33,7 +34,9 @@ from .presets import (
     PRESET_TABLE,
     TimeEstimate,
     Workload,
+    available_host_bytes,
     check_fits,
+    check_host_ram,
     effective_train_config,
     explicit_overrides,
     free_vram_bytes,
@@ -48,8 +51,9 @@ log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 __all__ = [
-    "DTYPES", "MemoryHandle", "PRESET_TABLE", "TimeEstimate", "VramEstimate", "Workload", "check_fits",
-    "effective_train_config", "estimate_vram", "explicit_overrides", "flux_forward_flops", "free_vram_bytes",
+    "DTYPES", "HostRamEstimate", "MemoryHandle", "PRESET_TABLE", "TimeEstimate", "VramEstimate", "Workload",
+    "available_host_bytes", "check_fits", "check_host_ram", "effective_train_config", "estimate_host_ram",
+    "estimate_vram", "explicit_overrides", "flux_forward_flops", "free_vram_bytes",
     "plan_memory", "prepare_base", "prepare_training", "resolve_preset", "time_estimate",
 ]
 

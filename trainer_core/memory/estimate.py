@@ -2,8 +2,14 @@
 
 Weights, LoRA, gradients, optimizer state and swap slots are counted exactly from the module shapes of the
 model config (built on the meta device, so nothing is allocated) and the storage rules of ``precision``.
-Activations are counted in units of one token-row of hidden states, ``u = batch · tokens · hidden · 2``
-bytes (tokens = image + text): with flash attention every saved tensor of a block scales with it.
+Activations are counted in units of one token-row of hidden states in the compute dtype,
+``u = batch · tokens · hidden · bytes(compute dtype)`` (tokens = image + text): with a fused attention kernel
+every saved tensor of a block scales with it. Without one, the attention probabilities (heads · tokens² per
+sample) are materialised too and counted apart.
+
+Besides the peak, the estimate plans time: the bytes each step moves host→device (swapped blocks, offloaded
+activations) at a stated bandwidth, and the FLOPs at a stated matmul throughput, whichever floor is higher
+being the bound of that plan. :func:`estimate_host_ram` does the same accounting for host RAM.
 
 The per-block coefficients were measured by tracking the bytes of every tensor alive during a training step
 of narrow FLUX blocks (head dim 128, hidden 512 and 1024: the same values in units of u) with this package's
@@ -50,10 +56,25 @@ _CUDA_RMSNORM_SAVING = 2.0  # u per block: fused RMSNorm on CUDA keeps bf16 inpu
 _MISC_ACTIVATIONS = 1.5  # u: embedders' outputs, final norm, loss
 _OFFLOAD_IN_FLIGHT = 3.0  # u: inputs of the block computing, one being written out, two fetched ahead
 _CUDA_OVERHEAD = 64 * MiB  # cuBLAS workspaces and small buffers the caching allocator also counts
+# What no allocator statistic shows but the card must hold: the CUDA context (≈ 300–600 MiB with cuBLAS/cuDNN
+# loaded) and the allocator's fragmentation. The fit check (presets.fits) leaves FIT_MARGIN + FIT_RESERVE for them.
+
+# Stated hardware for the time floors (override per Workload): PCIe 4.0 x16 moves ≈ 25 GB/s host→device from
+# pinned memory in practice; 165 TFLOP/s is an RTX 4090's dense bf16 matmul rate.
+H2D_GB_PER_S = 25.0
+GPU_TFLOPS = 165.0
 
 _NF4_OVERHEAD_PER_LAYER = 1092  # bytes: nf4 code table (64), nested code table (1024), offset (4)
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+
+
+def fmt_bytes(n: float) -> str:
+    """GiB for big numbers, MiB/KiB for the small ones (a tiny test model is not "0.00 GiB")."""
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if abs(n) >= size or unit == "KiB":
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
 
 
 @dataclass
@@ -74,6 +95,33 @@ class VramEstimate:
     resolution: tuple[int, int] = (0, 0)
     batch_size: int = 1
     notes: list[str] = field(default_factory=list)
+    device_type: str = "cuda"
+    h2d_bytes: int = 0  # moved host→device per step: swapped blocks and offloaded activations
+    step_flops: int = 0  # forward + backward (+ recomputation) of one step
+    h2d_gb_per_s: float = H2D_GB_PER_S
+    gpu_tflops: float = GPU_TFLOPS
+
+    @property
+    def transfer_seconds(self) -> float:
+        return self.h2d_bytes / (self.h2d_gb_per_s * 1e9)
+
+    @property
+    def compute_seconds(self) -> float:
+        return self.step_flops / (self.gpu_tflops * 1e12)
+
+    @property
+    def step_floor_seconds(self) -> float:
+        """No step can be faster than this: the larger of the transfer and compute floors (they overlap at best)."""
+        return max(self.transfer_seconds, self.compute_seconds)
+
+    @property
+    def bound(self) -> str:
+        return "transfer-bound" if self.transfer_seconds > self.compute_seconds else "compute-bound"
+
+    def time_summary(self) -> str:
+        return (f"per step: {self.h2d_bytes / 1e9:.1f} GB host→device ({self.transfer_seconds:.2f} s at "
+                f"{self.h2d_gb_per_s:g} GB/s), {self.step_flops / 1e12:.0f} TFLOP ({self.compute_seconds:.2f} s at "
+                f"{self.gpu_tflops:g} TFLOP/s) → {self.bound}, ≥ {self.step_floor_seconds:.2f} s/step")
 
     @property
     def total(self) -> int:
@@ -86,6 +134,13 @@ class VramEstimate:
 
     def summary(self) -> str:
         w, h = self.resolution
+        if self.device_type != "cuda":  # a CPU run: one memory holds everything, there is no GPU to fit
+            lines = [f"memory estimate at {w}×{h}, batch {self.batch_size} (training on the CPU, all in host RAM): "
+                     f"{fmt_bytes(self.total)} peak",
+                     f"  base weights: {fmt_bytes(self.weights)}",
+                     f"  LoRA weights + grads + optimizer state: {fmt_bytes(self.lora + self.grads + self.optimizer)}",
+                     f"  activations and temporaries: {fmt_bytes(self.activations + self.transient)}"]
+            return "\n".join(lines + [f"  note: {n}" for n in self.notes])
         rows = [
             ("base weights on GPU", self.weights),
             (f"swap slots ({self.blocks_swapped} of {self.blocks_total} blocks in host RAM)", self.swap_slots),
@@ -95,7 +150,8 @@ class VramEstimate:
             ("temporaries", self.transient + self.overhead),
         ]
         lines = [f"VRAM estimate at {w}×{h}, batch {self.batch_size}: {self.total_gib:.2f} GiB peak"]
-        lines += [f"  {name}: {value / GiB:.2f} GiB" for name, value in rows if value]
+        lines += [f"  {name}: {fmt_bytes(value)}" for name, value in rows if value]
+        lines.append(f"  {self.time_summary()}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -174,8 +230,9 @@ def _targeted_linears(model: nn.Module, targets: str) -> list[nn.Linear]:
 def _lora_bytes_per_block(model: nn.Module, targets: str, rank: int, lora_bytes: int) -> list[int]:
     pattern = re.compile(_resolve(targets, model))
     sizes = []
+    names = _block_names(model)
     for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
-        prefix = _block_names(model)[id(block)]
+        prefix = names[id(block)]
         sizes.append(sum(rank * (m.in_features + m.out_features) * lora_bytes for name, m in block.named_modules()
                          if isinstance(m, nn.Linear) and pattern.fullmatch(f"{prefix}.{name}")))
     return sizes
@@ -214,12 +271,17 @@ def estimate_vram(
     text_tokens: int = 512,
     compute_dtype: str = "bf16",
     device_type: str = "cuda",
+    fused_attention: bool = True,
+    h2d_gb_per_s: float = H2D_GB_PER_S,
+    gpu_tflops: float = GPU_TFLOPS,
 ) -> VramEstimate:
-    """Predict peak allocated VRAM of a training step.
+    """Predict peak allocated VRAM of a training step, and its time floors.
 
     ``model_config``: diffusers FluxTransformer2DModel config (default FLUX.1-dev); ``mem``: resolved
     memory knobs (``mem.batch_size`` / ``mem.optimizer`` win over the arguments when set); ``resolution``:
-    image side or (width, height) in pixels; ``text_tokens``: T5 sequence length.
+    image side or (width, height) in pixels; ``text_tokens``: T5 sequence length; ``fused_attention``: False
+    where no flash / memory-efficient attention kernel runs (the attention probabilities are then stored);
+    ``h2d_gb_per_s`` / ``gpu_tflops``: the hardware the time floors assume.
     """
     mem = mem or MemoryConfig()
     batch = mem.batch_size or batch_size or 1
@@ -249,10 +311,15 @@ def estimate_vram(
     hidden = model.inner_dim
     image_tokens = (height // 16) * (width // 16)
     tokens = image_tokens + text_tokens
-    u = batch * tokens * hidden * 2
+    u = batch * tokens * hidden * cb
+    # Without a fused kernel, PyTorch's math attention computes in fp32 and materialises softmax(QKᵀ)
+    # (batch · heads · tokens² fp32 values): kept for backward by blocks that keep their activations; scores and
+    # their gradient add as much again while computing (measured by the dry run's test).
+    attn = 0.0 if fused_attention else model.config.num_attention_heads * tokens * 4 / (hidden * cb)
+    attn_extra = (attn,) * 2 + (2 * attn,) * 4  # added to S, S, P, P, Q, Q
     cuda_saving = (_CUDA_RMSNORM_SAVING,) * 4 + (0.0, 0.0) if device_type == "cuda" else (0.0,) * 6
-    with_lora = [c - d for c, d in zip(_COEFFS.get(targets, _COEFFS["all+ffs"]), cuda_saving)]
-    frozen = [c - d for c, d in zip(_FROZEN, cuda_saving)]
+    with_lora = [c - d + a for c, d, a in zip(_COEFFS.get(targets, _COEFFS["all+ffs"]), cuda_saving, attn_extra)]
+    frozen = [c - d + a for c, d, a in zip(_FROZEN, cuda_saving, attn_extra)]
     # Walk the backward pass block by block (last block first). Alive at each block: the saved inputs of the
     # checkpointed blocks not yet reached (or, offloaded, the few in flight), everything saved by the
     # uncheckpointed ones not yet reached, the LoRA gradients filled so far, and this block's own transient
@@ -289,14 +356,32 @@ def estimate_vram(
         transient = biggest * cb  # one weight in the compute dtype at a time
         if precision == "int8":  # int32 matmul output and the dequantised weight for backward
             transient = 2 * biggest * cb + 8 * u
+    # Host→device per step: every swapped block twice (forward, then the backward's recomputation) except the
+    # ones still in a slot at the turns (the swap ring reuses them), plus each offloaded block input once.
+    h2d = 0
+    if swapped:
+        order = sorted(swapped)
+        sizes = [_swap_block_bytes(blocks[i], precision, cb) for i in order]
+        reused = min(mem.prefetch_blocks + 1, len(order))
+        h2d = 2 * sum(sizes) - sum(sizes[len(sizes) - reused:]) - sum(sizes[:reused]) if len(order) > reused else 0
+    offloaded = [i for i in range(first, n_blocks) if i not in kept] if mem.offload_activations else []
+    h2d += int(len(offloaded) * u)
+    recomputed = [i for i in range(first, n_blocks) if i not in kept and mem.gradient_checkpointing]
+    forward = flux_forward_flops(model_config, resolution=(width, height), batch_size=batch,
+                                 text_tokens=text_tokens, rank=rank, targets=targets)
+    step_flops = 2 * forward + forward * len(recomputed) // n_blocks  # backward ≈ forward for frozen layers
+
     notes = []
+    if not fused_attention:
+        notes.append(f"no fused attention kernel: {fmt_bytes(attn * u)} of attention probabilities per block")
     if mem.compile_blocks:
         notes.append("torch.compile usually lowers activation memory; the estimate does not count on it")
     return VramEstimate(
         weights=weights, swap_slots=slots, lora=lora, grads=grads, optimizer=opt, activations=activations,
         transient=transient, overhead=_CUDA_OVERHEAD if device_type == "cuda" else 0,
         blocks_swapped=len(swapped), blocks_total=len(blocks), tokens=tokens, resolution=(width, height),
-        batch_size=batch, notes=notes,
+        batch_size=batch, notes=notes, device_type=device_type, h2d_bytes=h2d, step_flops=step_flops,
+        h2d_gb_per_s=h2d_gb_per_s, gpu_tflops=gpu_tflops,
     )
 
 
@@ -334,3 +419,91 @@ def flux_forward_flops(model_config: dict | None = None, *, resolution: int | tu
         lora_macs = sum(rank * (m.in_features + m.out_features) for m in _targeted_linears(model, targets))
         flops += 2 * tokens * lora_macs  # approximate: every LoRA layer on all tokens
     return batch_size * flops
+
+
+@dataclass
+class HostRamEstimate:
+    """Host RAM a run needs on top of the process itself, phase by phase (bytes)."""
+
+    base: int  # the trainer's copy of the frozen base while training: all of it on a CPU run, else swapped blocks
+    pinned_blocks: int  # of which swapped blocks in page-locked memory (the only host copy of those blocks)
+    load_peak: int  # while the base loads: final resident base + one block in the compute dtype (streamed)
+    pinned_activations: int  # checkpointed block inputs offloaded to page-locked memory
+    training: int  # LoRA, gradients, optimizer state and activations, when training on the CPU
+    text_encoders: int  # while caching (and while training when they stay live)
+    text_encoders_live: bool = False
+    shared_base: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def phases(self) -> dict[str, int]:
+        live = self.text_encoders if self.text_encoders_live else 0
+        return {
+            "caching": self.text_encoders,
+            "loading the base": self.load_peak + live,
+            "training": self.base + self.pinned_activations + self.training + live,
+        }
+
+    @property
+    def total(self) -> int:
+        return max(self.phases.values())
+
+    def summary(self) -> str:
+        phase, peak = max(self.phases.items(), key=lambda kv: kv[1])
+        if self.shared_base:
+            base = "shared with ComfyUI's MODEL (no copy)"
+        elif not self.base:
+            base = "none (every block moves to the GPU after loading)"
+        else:
+            base = fmt_bytes(self.base) + (f", of which {fmt_bytes(self.pinned_blocks)} swapped blocks pinned"
+                                           if self.pinned_blocks else "")
+        rows = [
+            ("base copy while training", base),
+            ("loading the base (streamed, peak)", fmt_bytes(self.load_peak) if self.load_peak else ""),
+            ("offloaded activations (pinned)", fmt_bytes(self.pinned_activations) if self.pinned_activations else ""),
+            ("training on the CPU (LoRA, optimizer, activations)", fmt_bytes(self.training) if self.training else ""),
+            ("text encoders" + (" (kept for training)" if self.text_encoders_live else " (while caching)"),
+             fmt_bytes(self.text_encoders) if self.text_encoders else ""),
+        ]
+        lines = [f"host RAM estimate: {fmt_bytes(peak)} peak ({phase})"]
+        lines += [f"  {name}: {value}" for name, value in rows if value]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def estimate_host_ram(vram: VramEstimate, model_config: dict | None, mem: MemoryConfig, *, compute_dtype: str = "bf16",
+                      text_encoder_bytes: int = 0, text_encoders_live: bool = False,
+                      shared_base: bool = False) -> HostRamEstimate:
+    """Host RAM of the plan ``vram`` was estimated for (its ``device_type`` says where training runs).
+
+    ``text_encoder_bytes``: the loaded text encoders (and VAE) — held while caching, and throughout when
+    ``text_encoders_live`` (text-encoder LoRA, shuffled tags); ``shared_base``: the trainer works on tensors
+    someone else already holds (ComfyUI's MODEL), so the base costs nothing extra. The latent cache is read
+    from disk one batch at a time and is not counted.
+    """
+    model = _meta_model(model_config)
+    cb = DTYPE_BYTES[compute_dtype]
+    blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+    swapped = spread(mem.blocks_to_swap, len(blocks))
+    outside = sum(p.numel() for name, p in model.named_parameters()
+                  if not name.startswith(("transformer_blocks.", "single_transformer_blocks."))) * cb
+    stored = [block_bytes(b, mem.base_precision, cb) for b in blocks]
+    whole = outside + sum(stored)
+    pinned = sum(_swap_block_bytes(blocks[i], mem.base_precision, cb) for i in swapped)
+    on_cpu = vram.device_type != "cuda"
+    u = vram.batch_size * vram.tokens * model.inner_dim * cb
+    offloaded = 0
+    if not on_cpu and mem.offload_activations and mem.gradient_checkpointing:
+        offloaded = int(len(blocks) * u)  # one block input per checkpointed block, at most
+    biggest_block = max(block_bytes(b, "auto", cb) for b in blocks)
+    notes = []
+    if shared_base:
+        base = load_peak = pinned = 0
+        notes.append("the base is ComfyUI's own copy; training adds no second one")
+    else:
+        base = vram.weights + pinned if on_cpu else pinned
+        load_peak = whole + biggest_block
+    training = (vram.total - vram.weights) if on_cpu else 0
+    return HostRamEstimate(base=base, pinned_blocks=0 if on_cpu else pinned, load_peak=load_peak,
+                           pinned_activations=offloaded, training=training, text_encoders=text_encoder_bytes,
+                           text_encoders_live=text_encoders_live, shared_base=shared_base, notes=notes)

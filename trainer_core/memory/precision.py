@@ -74,9 +74,9 @@ def _as_cast_linear(module: nn.Module) -> None:
         module.__class__ = CastLinear
 
 
-def _block_linears(transformer: nn.Module):
+def _block_linears(transformer: nn.Module, blocks: list[nn.Module] | None = None):
     """(parent, attribute, Linear) for every plain frozen Linear inside the blocks (LoRA's own layers excluded)."""
-    for block in transformer_blocks(transformer):
+    for block in transformer_blocks(transformer) if blocks is None else blocks:
         for parent in block.modules():
             if isinstance(parent, nn.ModuleDict):
                 continue  # peft's lora_A / lora_B containers
@@ -90,14 +90,14 @@ def apply_base_precision(transformer: nn.Module, precision: str, compute_dtype: 
 
     fp8 and a storage dtype other than the compute dtype are applied by :func:`apply_storage_casts` after
     the adapter is added, so peft creates (and initialises) the LoRA weights in bf16, not in fp8. Block
-    weights that already arrive in fp8 (an fp8 checkpoint) with ``precision`` fp8 are left as they are
-    rather than copied to bf16 and back: their LoRA starts from an fp8-rounded init instead.
+    weights that already arrive in their storage dtype (an fp8 checkpoint with ``precision`` fp8, or a streamed
+    load) are left as they are rather than copied to the compute dtype and back: their LoRA starts from an
+    fp8-rounded init instead.
     Tensors already in the right dtype are not copied (views into a caller's weights stay views).
     """
     transformer.requires_grad_(False)
-    keep = set()
-    if precision == "fp8":
-        keep = {id(linear.weight) for _, _, linear in _block_linears(transformer) if linear.weight.dtype == FP8}
+    storage = STORAGE_DTYPES.get(precision)
+    keep = {id(linear.weight) for _, _, linear in _block_linears(transformer) if linear.weight.dtype == storage}
     for module in transformer.modules():
         for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
             if tensor is not None and tensor.is_floating_point() and tensor.dtype != compute_dtype and id(tensor) not in keep:
@@ -116,15 +116,38 @@ def apply_storage_casts(transformer: nn.Module, precision: str, compute_dtype: t
     for _, _, linear in list(_block_linears(transformer)):
         if type(linear) is not nn.Linear and type(linear) is not CastLinear:
             continue  # bitsandbytes layers keep their own storage
-        with torch.no_grad():
-            home = linear.weight.device
-            weight = linear.weight.data.to(work or home)
-            if storage == FP8:
-                weight = weight.clamp(-FP8_MAX, FP8_MAX)
-            linear.weight.data = weight.to(storage).to(home)
+        if linear.weight.dtype != storage:  # streamed loads arrive in their storage already
+            linear.weight.data = _to_storage(linear.weight.data, storage, work)
         _as_cast_linear(linear)
         count += 1
     return count
+
+
+@torch.no_grad()
+def _to_storage(weight: torch.Tensor, storage: torch.dtype, work: torch.device | None = None) -> torch.Tensor:
+    home = weight.device
+    weight = weight.to(work or home)
+    if storage == FP8:
+        weight = weight.clamp(-FP8_MAX, FP8_MAX)
+    return weight.to(storage).to(home)
+
+
+def store_block(block: nn.Module, precision: str, compute_dtype: torch.dtype) -> None:
+    """One freshly loaded block's frozen linears to their storage precision (the streaming loader's step).
+
+    fp8 (or another plain storage dtype) becomes the weights' dtype now — :func:`apply_storage_casts` later
+    only switches the layers to cast on use; nf4/int8 layers become bitsandbytes layers, which
+    :func:`apply_base_precision` then leaves alone.
+    """
+    block.requires_grad_(False)
+    if precision in ("nf4", "int8"):
+        quantize_block_linears(block, precision, compute_dtype, blocks=[block])
+        return
+    storage = STORAGE_DTYPES.get(precision)
+    if storage is None or storage == compute_dtype:
+        return
+    for _, _, linear in _block_linears(block, [block]):
+        linear.weight.data = _to_storage(linear.weight.data, storage)
 
 
 def lora_compute_in_input_dtype(transformer: nn.Module, lora_dtype: torch.dtype, compute_dtype: torch.dtype) -> int:
@@ -146,13 +169,15 @@ def lora_compute_in_input_dtype(transformer: nn.Module, lora_dtype: torch.dtype,
     return count
 
 
-def quantize_block_linears(transformer: nn.Module, precision: str, compute_dtype: torch.dtype) -> int:
-    """Replace the blocks' Linear layers with bitsandbytes nf4 or int8 layers (quantized on the GPU if any)."""
+def quantize_block_linears(transformer: nn.Module, precision: str, compute_dtype: torch.dtype,
+                           blocks: list[nn.Module] | None = None) -> int:
+    """Replace the blocks' (default: all) Linear layers with bitsandbytes nf4 or int8 layers (quantized on the
+    GPU if any)."""
     import bitsandbytes as bnb
 
     quant_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     count = 0
-    for parent, attr, linear in list(_block_linears(transformer)):
+    for parent, attr, linear in list(_block_linears(transformer, blocks)):
         if type(linear) not in (nn.Linear, CastLinear):
             continue
         home = linear.weight.device
@@ -183,7 +208,8 @@ def quantize_block_linears(transformer: nn.Module, precision: str, compute_dtype
         new.train(linear.training)
         setattr(parent, attr, new)
         count += 1
-    log.info("quantized %d block linear layers to %s", count, precision)
+    if blocks is None:
+        log.info("quantized %d block linear layers to %s", count, precision)
     return count
 
 

@@ -14,8 +14,10 @@ tokens) on a card of that size, leaving room for the CUDA context and allocator 
 | 80gb | bf16 | 0              | none                   | GPU         | yes     | 2     | adamw     | 61.6 / 35.5 GiB     |
 
 LoRA master weights are fp32 in every tier. ``auto`` takes the largest tier whose estimate fits the free
-VRAM (or ``vram_budget_gb``) for the actual resolution, batch, rank and targets. Any knob set explicitly
-overrides the tier's value.
+VRAM (or ``vram_budget_gb``) for the actual resolution, batch, rank and targets; for a tier that swaps blocks
+it then takes the same tier with an nf4 base and the fewest swapped blocks that fit instead, when that plan's
+step-time floor (transfers at ``H2D_GB_PER_S`` vs FLOPs at ``GPU_TFLOPS``, see ``VramEstimate.bound``) is lower.
+Any knob set explicitly overrides the tier's value (and is never traded away).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 from ..config import LoraConfig, MemoryConfig, TrainConfig
 from ..errors import TrainerInputError
-from .estimate import GiB, VramEstimate, estimate_vram
+from .estimate import GPU_TFLOPS, H2D_GB_PER_S, GiB, HostRamEstimate, VramEstimate, estimate_vram
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,10 @@ class Workload:
     optimizer: str = "adamw"
     text_tokens: int = 512
     compute_dtype: str = "bf16"
+    device_type: str = "cuda"
+    fused_attention: bool = True
+    h2d_gb_per_s: float = H2D_GB_PER_S
+    gpu_tflops: float = GPU_TFLOPS
 
     @classmethod
     def for_training(cls, model_config: dict, sizes: Sequence[tuple[int, int]], text_tokens: int,
@@ -95,7 +101,9 @@ class Workload:
     def estimate(self, mem: MemoryConfig) -> VramEstimate:
         return estimate_vram(self.model_config, mem, resolution=self.resolution, batch_size=self.batch_size,
                              rank=self.rank, targets=self.targets, optimizer=self.optimizer,
-                             text_tokens=self.text_tokens, compute_dtype=self.compute_dtype)
+                             text_tokens=self.text_tokens, compute_dtype=self.compute_dtype,
+                             device_type=self.device_type, fused_attention=self.fused_attention,
+                             h2d_gb_per_s=self.h2d_gb_per_s, gpu_tflops=self.gpu_tflops)
 
 
 def fits(estimate: VramEstimate, budget: int) -> bool:
@@ -135,10 +143,33 @@ def resolve_preset(name: str, overrides: dict | None = None, free_bytes: int | N
             mem.validate()
         except TrainerInputError:
             continue  # an override that contradicts this tier (e.g. checkpointing off with swapping)
-        if fits(workload.estimate(mem), budget):
-            log.info("memory.preset auto: %.1f GiB available → tier %s", budget / GiB, tier)
+        estimate = workload.estimate(mem)
+        if fits(estimate, budget):
+            mem, estimate = _faster_variant(mem, estimate, overrides, budget, workload)
+            log.info("memory.preset auto: %.1f GiB available → tier %s (%s base, %d blocks swapped; %s)",
+                     budget / GiB, tier, mem.base_precision, mem.blocks_to_swap, estimate.time_summary())
             return mem
     return _tier(TIERS_LARGEST_FIRST[-1], overrides).validate()
+
+
+def _faster_variant(mem: MemoryConfig, estimate: VramEstimate, overrides: dict, budget: int,
+                    workload: Workload) -> tuple[MemoryConfig, VramEstimate]:
+    """A swapping tier, or the same tier with an nf4 base and the fewest swapped blocks that fit, whichever has
+    the lower step-time floor: nf4 blocks are half the bytes of fp8 ones, so where the transfers are the bound
+    it swaps fewer, smaller blocks. Knobs the user set are never changed."""
+    if not mem.blocks_to_swap or {"base_precision", "blocks_to_swap"} & overrides.keys():
+        return mem, estimate
+    nf4 = lambda swap: dataclasses.replace(mem, base_precision="nf4", blocks_to_swap=swap)  # noqa: E731
+    low, high = 0, mem.blocks_to_swap  # fewest swapped blocks that fit: the peak only falls as more are swapped
+    if not fits(workload.estimate(nf4(high)), budget):
+        return mem, estimate
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(workload.estimate(nf4(middle)), budget) else (middle + 1, high)
+    candidate, candidate_estimate = nf4(low), workload.estimate(nf4(low))
+    if candidate_estimate.step_floor_seconds < estimate.step_floor_seconds:
+        return candidate, candidate_estimate
+    return mem, estimate
 
 
 def check_fits(estimate: VramEstimate, mem: MemoryConfig, budget: int | None, workload: Workload | None = None) -> None:
@@ -169,6 +200,48 @@ def check_fits(estimate: VramEstimate, mem: MemoryConfig, budget: int | None, wo
     )
 
 
+HOST_MARGIN = 1.10  # estimate error, and the allocator's pages not yet returned to the system
+HOST_RESERVE = GiB  # the Python process itself: interpreter, torch and the other libraries, CUDA host buffers
+
+
+def available_host_bytes() -> int:
+    """Host RAM the system can give this process now without swapping (psutil's "available")."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_host_ram(estimate: HostRamEstimate, mem: MemoryConfig, available: int | None = None) -> None:
+    """Refuse a plan whose host-RAM estimate does not fit the RAM available, naming the knobs that lower it."""
+    available = available_host_bytes() if available is None else available
+    need = estimate.total * HOST_MARGIN + HOST_RESERVE
+    if need <= available:
+        return
+    knobs = []
+    if estimate.phases["loading the base"] >= estimate.phases["training"] or estimate.training:
+        if mem.base_precision in ("auto", "bf16", "fp32"):
+            knobs.append('memory.base_precision = "fp8" (or "nf4")')
+        elif mem.base_precision == "fp8":
+            knobs.append('memory.base_precision = "nf4"')
+    if estimate.pinned_activations:
+        knobs.append("memory.offload_activations = false")
+    if estimate.pinned_blocks:
+        knobs.append(f"fewer memory.blocks_to_swap (now {mem.blocks_to_swap}; a larger memory.preset tier if the "
+                     "VRAM allows)")
+    if estimate.text_encoders_live:
+        knobs.append('lora.text_encoders = "none" and train.shuffle_tags = false (text encoders then leave RAM '
+                     "before training)")
+    if estimate.training and not mem.gradient_checkpointing:
+        knobs.append("memory.gradient_checkpointing = true")
+    if estimate.training:
+        knobs.append("a CUDA device (--device cuda)")
+    raise TrainerInputError(
+        f"memory: this run needs about {(estimate.total * HOST_MARGIN) / GiB:.1f} GiB of host RAM (+10 % margin, "
+        f"+{HOST_RESERVE / GiB:.0f} GiB for the process) but {available / GiB:.1f} GiB is available. To fit, "
+        + (f"set {', or '.join(knobs)}" if knobs else "close other programs or add RAM/swap")
+        + f".\n{estimate.summary()}")
+
+
 def plan_memory(mem: MemoryConfig, workload: Workload | None = None, *, free_bytes: int | None = None,
                 explicit: Iterable[str] | None = None,
                 device: torch.device | str | None = None) -> tuple[MemoryConfig, VramEstimate]:
@@ -183,6 +256,8 @@ def plan_memory(mem: MemoryConfig, workload: Workload | None = None, *, free_byt
     workload = workload or Workload()
     overrides = explicit_overrides(mem, explicit)
     on_cpu = device is not None and torch.device(device).type != "cuda"
+    if on_cpu:
+        workload = dataclasses.replace(workload, device_type="cpu")
     if on_cpu and mem.preset == "auto":
         resolved = MemoryConfig(**overrides).validate()  # no VRAM to fit: the plain defaults
     else:

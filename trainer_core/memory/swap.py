@@ -154,7 +154,8 @@ class BlockSwapper:
         seen: dict[tuple, int] = {}
         for ref in refs:
             t = _get(ref)
-            key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+            # the storage object, not data_ptr(): on the meta device (the dry run) every data_ptr() is 0
+            key = (id(t.untyped_storage()), t.storage_offset(), t.dtype, tuple(t.shape), tuple(t.stride()))
             if key not in seen:
                 seen[key] = len(tensors)
                 tensors.append(t)

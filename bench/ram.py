@@ -1,0 +1,93 @@
+"""CLI host-RAM row: ``python -m bench ram``.
+
+Writes a FLUX.1 BFL-format fixture at full width (3072, 2 double + 3 single blocks, ≈ 2.2 GB in bf16) and, in a
+fresh process per precision, loads it the way ``train`` does (``load_flux_transformer`` with the planned
+``base_precision``: block by block from the file to the final precision). Reports the process's peak RSS above
+its RSS before loading against the final resident bytes of the model. Goal: peak ≤ 1.1 × final + 1 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+GiB = 2**30
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+MARK = "<!-- ram -->"
+
+_MEASURE = """
+import json, sys
+import psutil, torch
+from accelerate import init_empty_weights
+from diffusers import FluxTransformer2DModel
+from trainer_core.models.flux import load_flux_transformer
+before = psutil.Process().memory_info().rss
+precision = None if sys.argv[2] == "bf16" else sys.argv[2]
+model = load_flux_transformer(sys.argv[1], dtype=torch.bfloat16, base_precision=precision)
+# VmHWM: this process's own peak (ru_maxrss would carry the parent's over exec)
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+final = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+print(json.dumps({"before": before, "peak": peak, "final": final}))
+"""
+
+
+def write_fixture(path: Path) -> int:
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    from trainer_core.models.flux import diffusers_to_bfl, flux_config
+
+    config = dict(flux_config("flux1-dev"), num_layers=2, num_single_layers=3)
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    generator = torch.Generator().manual_seed(0)
+    sd = {k: (torch.randn(t.shape, generator=generator) * 0.02).to(torch.bfloat16)
+          for k, t in model.state_dict().items()}
+    save_file(diffusers_to_bfl(sd), str(path))
+    return path.stat().st_size
+
+
+def measure(path: Path, precision: str) -> dict:
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(path), precision], capture_output=True, text=True,
+                         cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench ram", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--precisions", nargs="*", default=["bf16", "fp8", "nf4"])
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    rows, ok = [], True
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "flux-fixture.safetensors"
+        size = write_fixture(path)
+        for precision in args.precisions:
+            m = measure(path, precision)
+            grew, final = m["peak"] - m["before"], m["final"]
+            goal = 1.1 * final + GiB
+            ok &= grew <= goal
+            rows.append(f"| {precision} | {size / GiB:.2f} | {final / GiB:.2f} | {grew / GiB:.2f} | "
+                        f"{grew / final:.2f}× | {goal / GiB:.2f} | {'met' if grew <= goal else 'MISSED'} |")
+            print(rows[-1], flush=True)
+    text = ("## CLI host RAM: streaming the base from the file to its precision\n\n"
+            f"Date: {datetime.datetime.now().isoformat(timespec='minutes')}; command: `python -m bench ram`. "
+            "Fixture: FLUX.1 BFL file, width 3072, 2 double + 3 single blocks, bf16 random weights. Each row loads it "
+            "as `train` does (`load_flux_transformer(..., base_precision=…)`) in a fresh process; peak = VmHWM − RSS "
+            "before loading (libraries already imported).\n\n"
+            "| precision | file GiB | final resident GiB | peak above start GiB | peak ÷ final | goal (1.1 × final + "
+            "1 GiB) | |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    print(text)
+    if not args.no_write:
+        from .dryrun import write_results
+
+        write_results(text, MARK)
+    return 0 if ok else 1
