@@ -200,7 +200,7 @@ def test_a_vae_given_as_the_transformer_is_refused_before_caching(tmp_path, caps
     cfg = tiny_files(tmp_path / "run.toml", tmp_path / "out", transformer=tiny_files.models / "vae_weights.safetensors")
     assert main(["train", "--config", str(cfg), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "vae_weights.safetensors is not a FLUX.1 transformer" in err
+    assert "vae_weights.safetensors is neither a FLUX.1 nor a FLUX.2 transformer" in err
     assert not (tmp_path / "out").exists()  # nothing was cached or written
 
 

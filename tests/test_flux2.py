@@ -303,21 +303,24 @@ def test_flux2_trains_end_to_end_and_its_lora_loads_in_diffusers(sample_cache, t
     state, meta = lora.read_lora_file(result.lora_path)
     assert state and all(k.startswith("transformer.") for k in state)
     assert any(".attn.to_qkv_mlp_proj." in k for k in state) and any(".ff.linear_in." in k for k in state)
-    assert json.loads(meta["lora_adapter_metadata"])["transformer.lora_alpha"] == 4
+    assert float(meta["alpha"]) == 4 and int(meta["rank"]) == 8  # alpha/rank is folded into lora_B
 
-    with torch.no_grad():  # the file holds the LoRA in bf16: compare against exactly those weights
-        for param in lora.lora_parameters(model):
-            param.copy_(param.to(torch.bfloat16).float())
     expected = _velocity(model, variant)
+    lora_effect = (_velocity(flux2.build_tiny_flux2_transformer(variant, seed=0), variant) - expected).norm()
+
+    def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+        """Equal up to the file's bf16 rounding of the LoRA, which is far below what the LoRA changes."""
+        assert (got - want).norm() <= 1e-3 * want.norm() < 0.1 * lora_effect
+
     # diffusers' Flux2LoraLoaderMixin route: its lora_state_dict, then load_lora_into_transformer with the metadata
     sd, adapter_meta = Flux2KleinPipeline.lora_state_dict(str(result.lora_path), return_lora_metadata=True)
     fresh = flux2.build_tiny_flux2_transformer(variant, seed=0)
     Flux2KleinPipeline.load_lora_into_transformer(sd, transformer=fresh, metadata=adapter_meta)
-    assert torch.equal(_velocity(fresh, variant), expected)
+    assert_close(_velocity(fresh, variant), expected)
     # and the model's own load_lora_adapter on the file
     fresh = flux2.build_tiny_flux2_transformer(variant, seed=0)
     fresh.load_lora_adapter(str(result.lora_path.parent), weight_name=result.lora_path.name, prefix="transformer")
-    assert torch.equal(_velocity(fresh, variant), expected)
+    assert_close(_velocity(fresh, variant), expected)
     assert not torch.allclose(_velocity(flux2.build_tiny_flux2_transformer(variant, seed=0), variant), expected)
 
 

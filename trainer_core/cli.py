@@ -118,7 +118,7 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
     from .train import Callbacks, ValidationPrompts, sample_validation, train_lora
 
     run.validate()
-    ensure_writable_dir(out, "output.folder")
+    distributed.on_main(ensure_writable_dir, out, "output.folder")
     cache_dir = Path(run.output.cache_folder) if run.output.cache_folder else out / "cache"
 
     def cache_dataset():
@@ -242,7 +242,7 @@ def demo_run_config(resolution: int, steps: int, learning_rate: float, seed: int
 def cmd_demo(args) -> int:
     from .models.tiny import build_tiny_flow_transformer, build_tiny_text_encoder, build_tiny_vae
 
-    device = parse_device(args.device)
+    device = args.device
     out = Path(args.out)
     # The tiny model's matrices are too small to split across threads: more threads only add synchronisation (on a
     # busy 2-core machine a step took 25× longer with two threads than with one).
@@ -326,7 +326,7 @@ def cmd_train(args) -> int:
     if args.resume:
         run.output.resume = True
     run.validate()
-    device = parse_device(args.device)
+    device = args.device
     paths = run.model
     for field_name in ("transformer", "vae", "clip_l", "t5"):
         value = getattr(paths, field_name)
@@ -412,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format=prefix + "%(levelname)s %(name)s: %(message)s")
     try:
-        args.device = str(distributed.setup(args.device))
+        if hasattr(args, "device"):  # commands that train; a bad name fails in one line before anything starts
+            args.device = distributed.setup(parse_device(args.device))
         if not distributed.is_main():  # the others only warn: one log, one progress bar
             logging.getLogger().setLevel(logging.WARNING)
         with logging_redirect_tqdm():  # log lines print above the progress bars instead of through them

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -376,7 +377,7 @@ def test_optimizer_checkpoints_resume_exactly_under_comfyuis_torch():
     which differ from the CPU suite's."""
     result = subprocess.run(
         # --import-mode=append: the checkout is a package, so pytest puts its parent folder on sys.path; behind
-        # site-packages, a sibling folder cannot shadow a library (a checkout named h11 beside this one did).
+        # site-packages, a sibling folder there cannot shadow a library of the same name.
         [COMFYUI_PYTHON, "-m", "pytest", "tests/test_optimizer_resume.py", "-q", "-rA", "-p", "no:cacheprovider",
          "--import-mode=append"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}, capture_output=True,
