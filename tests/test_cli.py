@@ -269,3 +269,22 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_files):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = load_file(tmp_path / "full" / "mine.safetensors"), load_file(tmp_path / "split" / "mine.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_while_drawing_the_comparison_samples_keeps_the_finished_lora(tmp_path, monkeypatch, capsys):
+    """The LoRA is written before the before/after samples; a Ctrl+C there says so instead of 'before training'."""
+    import trainer_core.train
+
+    real, calls = trainer_core.train.sample_validation, []
+
+    def interrupted_after_training(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:  # the first call is the trainer's own final validation sample
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_core.train, "sample_validation", interrupted_after_training)
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2"]) == 130
+    err = capsys.readouterr().err
+    assert "the LoRA above is complete" in err and "before training" not in err
+    assert (tmp_path / "demo_lora.safetensors").is_file()

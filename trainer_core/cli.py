@@ -176,23 +176,30 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
     if not main:
         return 0
 
-    dtype = torch.bfloat16 if run.train.compute_dtype == "bf16" else torch.float32
-    transformer.disable_adapters()  # the same prompts and noise through the base model, for comparison
-    before = sample_validation(transformer, validation, device, dtype)
-    transformer.enable_adapters()
-    after = sample_validation(transformer, validation, device, dtype)
-    rows = [vae.decode(before), vae.decode(after)]
-    # where a prompt is a training caption, show that training image (as the VAE sees it) above the samples
-    by_caption = {c: i for i, c in enumerate(cache.captions) if cache.sizes[i] == (run.sample.width, run.sample.height)}
-    if all(p in by_caption for p in prompts):
-        rows.insert(0, vae.decode(torch.stack([cache.latent(by_caption[p]) for p in prompts]).float()))
-    grid = save_image_grid(rows, out / "samples.png")
-    loss_png = plot_loss(result.losses, out / "loss.png")
-    tail = result.losses[-10:]
-    legend = "rows: training image, base model, with the LoRA" if len(rows) == 3 else "rows: base model, with the LoRA"
     print(f"LoRA:    {result.lora_path}")
-    print(f"samples: {grid}  ({legend}; same prompts and noise)")
-    print(f"loss:    {loss_png}  first {result.losses[0]:.4f}, last (mean of last {len(tail)}) {sum(tail) / len(tail):.4f}")
+    try:  # the comparison samples are extra work after the LoRA is written: a Ctrl+C here loses nothing
+        dtype = torch.bfloat16 if run.train.compute_dtype == "bf16" else torch.float32
+        transformer.disable_adapters()  # the same prompts and noise through the base model, for comparison
+        before = sample_validation(transformer, validation, device, dtype)
+        transformer.enable_adapters()
+        after = sample_validation(transformer, validation, device, dtype)
+        rows = [vae.decode(before), vae.decode(after)]
+        # where a prompt is a training caption, show that training image (as the VAE sees it) above the samples
+        by_caption = {c: i for i, c in enumerate(cache.captions)
+                      if cache.sizes[i] == (run.sample.width, run.sample.height)}
+        if all(p in by_caption for p in prompts):
+            rows.insert(0, vae.decode(torch.stack([cache.latent(by_caption[p]) for p in prompts]).float()))
+        grid = save_image_grid(rows, out / "samples.png")
+        loss_png = plot_loss(result.losses, out / "loss.png")
+        tail = result.losses[-10:]
+        legend = ("rows: training image, base model, with the LoRA" if len(rows) == 3
+                  else "rows: base model, with the LoRA")
+        print(f"samples: {grid}  ({legend}; same prompts and noise)")
+        print(f"loss:    {loss_png}  first {result.losses[0]:.4f}, "
+              f"last (mean of last {len(tail)}) {sum(tail) / len(tail):.4f}")
+    except KeyboardInterrupt:
+        print("interrupted while drawing the comparison samples; the LoRA above is complete.", file=sys.stderr)
+        return 130
     for extra in result.extra_files:
         print(f"also:    {extra}")
     if metrics_path:
