@@ -277,17 +277,17 @@ def flux_variant(model) -> str:
     return "dev" if unet_config.get("guidance_embed") else "schnell"
 
 
-def flux_state_dict(model, dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def flux_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The MODEL's FLUX.1 transformer weights in diffusers key names, LoRAs already applied to it merged in.
 
     ComfyUI's module names are its own and change between releases (0.33.0 made the q/k norms' ``scale`` a
     ``weight``), so they are renamed with ComfyUI's own diffusers key map, ``comfy.utils.flux_to_diffusers``: the
     table that release loads diffusers FLUX files and diffusers LoRAs with, kept in step with its modules.
-    ComfyUI's tensors were made under inference mode and would fail in autograd, so every tensor is copied,
-    outside inference mode, to ``dtype`` on ``device``.
+    The tensors are ComfyUI's own, not copies (see :func:`_shared_weights`): the trainer's base weights share
+    their memory with the MODEL, fused q/k/v and linear1 split into views by the key map.
     """
     flux_variant(model)
-    weights = _patched_weights(model, "diffusion_model.", dtype, device)
+    weights = _shared_weights(model, "diffusion_model.", dtype)
     if not weights:
         raise TrainerInputError("model: the MODEL has no diffusion model weights; connect Load Diffusion Model.")
     import comfy.utils
@@ -351,6 +351,59 @@ def _patched_weights(patcher, prefix: str, dtype: torch.dtype, device) -> dict[s
         else:
             for key, weight in patcher.model_state_dict(prefix).items():
                 out[key[len(prefix):]] = _plain(weight).to(device=device, dtype=dtype, copy=True)
+    return out
+
+
+def _rehome(module: torch.nn.Module) -> None:
+    """Replace ``module``'s inference tensors with normal ones: autograd refuses the inference tensors ComfyUI's
+    loaders create (and views of them). Each is copied outside inference mode and the copy takes the original's
+    place in the module (same dtype, device, layout and values, so ComfyUI samples exactly as before), one tensor
+    at a time: the extra memory at any moment is one tensor, and afterwards there is still one copy of the model.
+    A new Parameter object, as ComfyUI's own ``set_attr_param`` makes when it patches: ``.data =`` would leave
+    the old object's inference-mode version counter in place."""
+    with torch.inference_mode(False), torch.no_grad():
+        for sub in module.modules():
+            for tensors in (sub._parameters, sub._buffers):
+                for name, tensor in list(tensors.items()):
+                    if tensor is None or type(tensor) not in (torch.Tensor, torch.nn.Parameter) \
+                            or not tensor.is_inference():
+                        continue  # normal already, or a quantized ComfyUI type (dequantised, i.e. copied, later)
+                    value = tensor.detach().clone()
+                    if isinstance(tensor, torch.nn.Parameter):
+                        value = torch.nn.Parameter(value, requires_grad=tensor.requires_grad)
+                        value.__dict__.update(tensor.__dict__)
+                    tensors[name] = value
+                    del tensor, value
+
+
+def _shared_weights(patcher, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A ModelPatcher's weights under ``prefix`` (prefix removed) in ``dtype``, as ComfyUI's own tensors wherever
+    they can be: its module is re-homed out of inference mode first (:func:`_rehome`), and a tensor already in
+    ``dtype`` is returned as it is, on the device ComfyUI keeps it on.
+
+    Copies remain only where the trainer needs other values than the module holds: a weight a LoRA applied to the
+    MODEL patches (the merged weight is new), a quantized ComfyUI tensor type (dequantised), and a weight in another
+    dtype than ``dtype`` (e.g. fp8 from Load Diffusion Model's weight_dtype, or bf16 weights when training computes
+    in fp32) — the same cases the Train node's tooltip names.
+    """
+    _rehome(patcher.model.get_submodule(prefix.rstrip(".")))
+    patches = getattr(patcher, "patches", None) or {}
+    out: dict[str, torch.Tensor] = {}
+    with torch.inference_mode(False), torch.no_grad():
+        if any(key.startswith(prefix) and key_patches for key, key_patches in patches.items()):
+            import comfy.lora
+
+            # Original weights (from the backup if the model is currently patched) plus their patches.
+            for key, ((weight, convert), *key_patches) in patcher.get_key_patches(prefix).items():
+                if key_patches:
+                    value = _plain(weight).to(torch.float32, copy=True)
+                    value = comfy.lora.calculate_weight(key_patches, convert(value, inplace=True), key).to(dtype)
+                else:
+                    value = _plain(weight).to(dtype)
+                out[key[len(prefix):]] = value.clone() if value.is_inference() else value  # e.g. a backup
+        else:
+            for key, weight in patcher.model_state_dict(prefix).items():
+                out[key[len(prefix):]] = _plain(weight).to(dtype)
     return out
 
 

@@ -48,7 +48,12 @@ class FluxLoraTrain:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "FLUX.1 dev or schnell from Load Diffusion Model (UNETLoader); LoRAs "
-                                               "already applied to it are merged into the base."}),
+                                               "already applied to it are merged into the base. Training shares "
+                                               "the MODEL's weights in RAM rather than copying them (the MODEL "
+                                               "is left unchanged); copied are only weights a LoRA on the MODEL "
+                                               "patches, quantized weights, and weights whose dtype differs from "
+                                               "the training dtype (fp8 weight_dtype, or bf16 weights on a CPU "
+                                               "that trains in fp32)."}),
                 "cache": ("FLUX_LORA_CACHE", {"tooltip": "From FLUX LoRA Cache."}),
                 "rank": ("INT", {"default": 16, "min": 1, "max": 256,
                                  "tooltip": "LoRA rank: capacity and file size. 8–32 suits a subject or style."}),
@@ -126,7 +131,8 @@ class FluxLoraTrain:
         bridge.free_vram()
         dtype = DTYPES[dtype_name]
         text_encoder = _training_text_encoder(clip, lora_cfg, train_cfg, dtype)
-        transformer = load_flux_transformer(bridge.flux_state_dict(model, dtype), dtype=dtype, device="cpu")
+        # device=None: the trainer's base weights are the MODEL's own tensors where ComfyUI keeps them, not copies
+        transformer = load_flux_transformer(bridge.flux_state_dict(model, dtype), dtype=dtype, device=None)
         decoder = bridge.ComfyImageEncoder(cache.vae).decode if validation and cache.vae is not None else None
         progress = bridge.NodeProgress(make_bar(train_cfg.steps), send_text, check_interrupt, decoder)
         try:

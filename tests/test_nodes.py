@@ -351,20 +351,42 @@ def test_fingerprint_samples_large_tensors(pack):
 # ---------------------------------------------------------------------------------------------------------------
 # MODEL → trainer_core transformer
 
+def module_holding(weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """An nn.Module tree whose parameters are ``weights`` under their dotted names (as ComfyUI's FLUX module)."""
+    root = torch.nn.Module()
+    for name, value in weights.items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+    return root
+
+
 class FakeModelPatcher:
-    """The parts of comfy.model_patcher.ModelPatcher the bridge reads."""
+    """The parts of comfy.model_patcher.ModelPatcher the bridge reads: ``model`` (BaseModel, an nn.Module holding
+    ``diffusion_model``), its state dict, and LoRA patches as ``{key: [(strength, delta)]}``."""
 
     def __init__(self, module_sd, image_model="flux", guidance=True):
         with torch.inference_mode():  # as ComfyUI's loaders run
-            self.sd = {f"diffusion_model.{k}": v.clone() for k, v in module_sd.items()}
+            self.model = torch.nn.Module()
+            self.model.diffusion_model = module_holding({k: v.clone() for k, v in module_sd.items()})
+        self.model.model_config = SimpleNamespace(unet_config={"image_model": image_model, "guidance_embed": guidance})
         self.patches = {}
-        self.model = SimpleNamespace(
-            diffusion_model=object(),
-            model_config=SimpleNamespace(unet_config={"image_model": image_model, "guidance_embed": guidance}),
-        )
+
+    @property
+    def sd(self):
+        return self.model.state_dict(keep_vars=True)
 
     def model_state_dict(self, prefix):
-        return {k: v for k, v in self.sd.items() if k.startswith(prefix)}
+        return {k: v.detach() for k, v in self.sd.items() if k.startswith(prefix)}
+
+    def get_key_patches(self, prefix):
+        """As ModelPatcher.get_key_patches: [(weight, convert)] + that key's patches (nothing is patched in place)."""
+        return {k: [(v, lambda w, inplace=False: w), *self.patches.get(k, [])]
+                for k, v in self.model_state_dict(prefix).items()}
 
 
 @pytest.fixture(scope="module")
@@ -418,6 +440,82 @@ def test_model_weights_become_a_trainable_transformer(pack, tiny_diffusers, comf
     assert transformer.x_embedder.weight.grad is not None
     assert pack.bridge.flux_variant(model) == "dev"
     assert pack.bridge.flux_variant(FakeModelPatcher({}, guidance=False)) == "schnell"
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def _train_two_steps(pack, transformer, sample_cache, tmp_path, name):
+    train = importlib.import_module(f"{PACK}.trainer_core.train")
+    lora_cfg, train_cfg = pack.train.configs(4, 4.0, 1e-2, 2, "adamw", "sigmoid", 1.0, 0, 0, "fp32")
+    return train.train_lora(transformer, sample_cache, lora_cfg=lora_cfg, train_cfg=train_cfg,
+                            output_dir=tmp_path / "loras", output_name=name,
+                            checkpoint_root=tmp_path / "checkpoints", device="cpu")
+
+
+def test_training_shares_the_models_weights_and_leaves_them_unchanged(pack, comfy_key_map, sample_cache, tmp_path):
+    """One copy of the base: the trainer's frozen weights are the MODEL's own tensors (q/k/v as views of the fused
+    qkv and linear1 rows), re-homed out of inference mode in ComfyUI's module, and training never writes them."""
+    flux = importlib.import_module(f"{PACK}.trainer_core.models.flux")
+    model = FakeModelPatcher(comfy_key_map)
+    transformer = flux.load_flux_transformer(pack.bridge.flux_state_dict(model, torch.float32),
+                                             dtype=torch.float32, device=None)
+    held = model.sd  # ComfyUI's module after the bridge: normal tensors now, same values
+    assert not any(t.is_inference() for t in held.values())
+    assert all(torch.equal(held[f"diffusion_model.{k}"], v) for k, v in comfy_key_map.items())
+    base = dict(transformer.named_parameters())
+    pairs = {"x_embedder.weight": "img_in.weight",
+             "transformer_blocks.0.attn.to_q.weight": "double_blocks.0.img_attn.qkv.weight",
+             "transformer_blocks.0.attn.to_v.weight": "double_blocks.0.img_attn.qkv.weight",
+             "single_transformer_blocks.0.attn.to_k.weight": "single_blocks.0.linear1.weight",
+             "single_transformer_blocks.0.proj_mlp.weight": "single_blocks.0.linear1.weight"}
+    for trainer_name, comfy_name in pairs.items():
+        assert _storage(base[trainer_name]) == _storage(held[f"diffusion_model.{comfy_name}"]), trainer_name
+    shared = {_storage(t) for t in held.values()}
+    unshared = [k for k, t in base.items() if _storage(t) not in shared]
+    assert unshared == ["norm_out.linear.weight", "norm_out.linear.bias"]  # scale/shift halves swapped: a new tensor
+
+    before = {k: v.clone() for k, v in held.items()}
+    result = _train_two_steps(pack, transformer, sample_cache, tmp_path, "shared")
+    assert result.steps == 2 and result.lora_path.is_file()
+    after = model.sd
+    assert all(torch.equal(after[k], before[k]) for k in before)  # bit-identical: ComfyUI samples as before
+    assert _storage(after["diffusion_model.img_in.weight"]) == _storage(held["diffusion_model.img_in.weight"])
+
+
+def test_a_model_with_a_lora_applied_trains_on_the_merged_weights(pack, comfy_key_map, sample_cache, tmp_path,
+                                                                   monkeypatch):
+    """Weights a LoRA on the MODEL patches are the one copy left: merged by ComfyUI's calculate_weight, while the
+    MODEL's own (unpatched) tensors stay as they were and the unpatched weights are still shared."""
+    flux = importlib.import_module(f"{PACK}.trainer_core.models.flux")
+
+    def calculate_weight(patches, weight, key):  # ComfyUI's merge of plain "diff" patches: w + strength · Δ
+        for strength, delta in patches:
+            weight += strength * delta
+        return weight
+
+    lora = SimpleNamespace(calculate_weight=calculate_weight)
+    monkeypatch.setattr(sys.modules["comfy"], "lora", lora, raising=False)
+    monkeypatch.setitem(sys.modules, "comfy.lora", lora)
+    model = FakeModelPatcher(comfy_key_map)
+    patched = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    delta = torch.randn(model.sd[patched].shape)
+    model.patches = {patched: [(0.5, delta)]}
+    original = model.sd[patched].clone()
+
+    transformer = flux.load_flux_transformer(pack.bridge.flux_state_dict(model, torch.float32),
+                                             dtype=torch.float32, device=None)
+    merged = original + 0.5 * delta
+    width = original.shape[1]
+    to_k = transformer.transformer_blocks[0].attn.to_k.weight
+    assert torch.equal(to_k, merged[width:2 * width])
+    assert _storage(to_k) != _storage(model.sd[patched])
+    assert _storage(transformer.x_embedder.weight) == _storage(model.sd["diffusion_model.img_in.weight"])
+
+    _train_two_steps(pack, transformer, sample_cache, tmp_path, "patched")
+    assert torch.equal(model.sd[patched], original)
+    assert torch.equal(transformer.transformer_blocks[0].attn.to_k.base_layer.weight, merged[width:2 * width])
 
 
 def test_a_model_weight_comfyuis_key_map_does_not_name_is_reported(pack, comfy_key_map):

@@ -546,6 +546,10 @@ def load_flux_transformer(source: Source, dtype: torch.dtype = torch.bfloat16, d
     ``dtype`` on ``device``; with ``base_precision`` (``memory.base_precision``: fp8, nf4, int8, …) each block's
     linear weights go straight to that storage as the block is read (files and state dicts, not folders), so the
     model is never whole in ``dtype`` on the way.
+
+    A state dict's tensors already in ``dtype`` on ``device`` (``device=None``: wherever each one is) become the
+    parameters as they are, without a copy: the model shares memory with the caller's tensors (views included),
+    which must then not change while it trains — the ComfyUI node trains on the MODEL's own weights this way.
     """
     if isinstance(source, Mapping):
         src = TensorReader.from_dict(source)
