@@ -384,7 +384,8 @@ def _shared_weights(patcher, prefix: str, dtype: torch.dtype) -> dict[str, torch
     Copies remain only where the trainer needs other values than the module holds: a weight a LoRA applied to the
     MODEL patches (the merged weight is new), a quantized ComfyUI tensor type (dequantised), and a weight in another
     dtype than ``dtype`` (e.g. fp8 from Load Diffusion Model's weight_dtype, or bf16 weights when training computes
-    in fp32) — the same cases the Train node's tooltip names.
+    in fp32) — the same cases the Train node's tooltip names. (:func:`diffusers_layout` then makes one more small
+    copy: the final layer's modulation, whose scale/shift halves diffusers stores the other way round.)
     """
     _rehome(patcher.model.get_submodule(prefix.rstrip(".")))
     patches = getattr(patcher, "patches", None) or {}
@@ -404,6 +405,11 @@ def _shared_weights(patcher, prefix: str, dtype: torch.dtype) -> dict[str, torch
         else:
             for key, weight in patcher.model_state_dict(prefix).items():
                 out[key[len(prefix):]] = _plain(weight).to(dtype)
+    held = {t.untyped_storage().data_ptr() for t in patcher.model_state_dict(prefix).values()}
+    copied = [t for t in out.values() if t.untyped_storage().data_ptr() not in held]
+    log.info("training on the MODEL's own weights: %d of %d tensors shared, %d copied (%.2f GiB; LoRA-patched, "
+             "quantized or not in %s)", len(out) - len(copied), len(out), len(copied),
+             sum(t.numel() * t.element_size() for t in copied) / 2**30, dtype)
     return out
 
 

@@ -89,7 +89,12 @@ def adapt(api: dict, fx, tiny_settings: bool = True, **train: object) -> dict:
 
 def training_only(api: dict) -> dict:
     """The nodes FluxLoraTrain and LossGraphNode need (the loss graph is the output that makes Train run)."""
-    keep, todo = set(), [k for k, v in api.items() if v["class_type"] == "LossGraphNode"]
+    return needed_by(api, [k for k, v in api.items() if v["class_type"] == "LossGraphNode"])
+
+
+def needed_by(api: dict, outputs: list[str]) -> dict:
+    """The nodes ``outputs`` need, themselves included."""
+    keep, todo = set(), list(outputs)
     while todo:
         node_id = todo.pop()
         if node_id not in keep:
@@ -203,6 +208,13 @@ def test_training_workflow_runs_and_its_lora_reaches_ksampler(server, fx):
     unet, train = _node_id(api, "UNETLoader"), _node_id(api, "FluxLoraTrain")
 
     base_save = sample_branch(api, 900, [unet, 0], "base")
+    # Training shares the MODEL's weights (re-homed out of inference mode in ComfyUI's module): the base MODEL must
+    # sample bit-identically before and after. Before: the base branch on its own, first (ComfyUI then reuses its
+    # output in the workflow below); after: a KSamplerAdvanced set to do exactly what KSampler does, so ComfyUI
+    # samples again on the same, cached, MODEL object instead of reusing the KSampler's output.
+    history = server.wait(server.queue(needed_by(api, [base_save])))
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
+    base_before = saved_image(server, history, base_save)
     # The LORA_MODEL output through ComfyUI's own LoraModelLoader must give the MODEL output's image.
     api["910"] = {"class_type": "LoraModelLoader",
                   "inputs": node_inputs(server, "LoraModelLoader", model=[unet, 0], lora=[train, 1], strength_model=1.0)}
@@ -220,10 +232,23 @@ def test_training_workflow_runs_and_its_lora_reaches_ksampler(server, fx):
     assert any(".single_transformer_blocks.0.attn.to_q." in k for k in keys)  # → rows of the fused linear1
     log = server.log_text()
     assert log.count("lora key not loaded") == 0 and "NOT LOADED" not in log
+    sharing = re.search(r"(\d+) of (\d+) tensors shared, (\d+) copied", log)
+    print(f"base weights: {sharing.group(0)}")
+    assert sharing.group(1) == sharing.group(2) and sharing.group(3) == "0"  # fp32 MODEL, fp32 training on CPU
     assert history["outputs"][_node_id(api, "LossGraphNode")]["images"]
 
     def image(node_id: str) -> np.ndarray:
         return saved_image(server, history, node_id)
+
+    base_after = sample_branch(api, 930, [unet, 0], "base_after")
+    sampler = api["930"]["inputs"]
+    assert sampler["denoise"] == 1.0
+    api["930"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        **{k: v for k, v in sampler.items() if k not in ("seed", "denoise")}, "noise_seed": sampler["seed"],
+        "add_noise": "enable", "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+    after = server.wait(server.queue(needed_by(api, [base_after])))
+    assert after["status"]["status_str"] == "success", json.dumps(after["status"])[:3000]
+    assert np.array_equal(saved_image(server, after, base_after), base_before)
 
     with_lora, without = image(save), image(base_save)
     difference = np.abs(with_lora - without)
@@ -325,6 +350,9 @@ def test_shipped_workflow_trains_checkpoints_resumes_and_samples(server, fx, wor
     assert history["outputs"][_node_id(api, "LossGraphNode")]["images"]
     log = server.log_text()
     assert log.count("lora key not loaded") == 0 and "NOT LOADED" not in log
+    sharing = re.search(r"(\d+) of (\d+) tensors shared, (\d+) copied", log)
+    print(f"base weights: {sharing.group(0)}")
+    assert sharing.group(1) == sharing.group(2) and sharing.group(3) == "0"  # fp32 MODEL, fp32 training on CPU
 
     resume = training_only(api)
     resume[train]["inputs"].update(steps=3, resume=True)
