@@ -50,7 +50,8 @@ class FluxLoraTrain:
                 "model": ("MODEL", {"tooltip": "FLUX.1 dev or schnell from Load Diffusion Model (UNETLoader); LoRAs "
                                                "already applied to it are merged into the base. Training shares "
                                                "the MODEL's weights in RAM rather than copying them (the MODEL "
-                                               "is left unchanged); copied are only weights a LoRA on the MODEL "
+                                               "is left unchanged); copied are only the small final modulation layer "
+                                               "(reordered for diffusers), weights a LoRA on the MODEL "
                                                "patches, quantized weights, and weights whose dtype differs from "
                                                "the training dtype (fp8 weight_dtype, or bf16 weights on a CPU "
                                                "that trains in fp32)."}),
