@@ -350,9 +350,6 @@ def test_shipped_workflow_trains_checkpoints_resumes_and_samples(server, fx, wor
     assert history["outputs"][_node_id(api, "LossGraphNode")]["images"]
     log = server.log_text()
     assert log.count("lora key not loaded") == 0 and "NOT LOADED" not in log
-    sharing = re.search(r"(\d+) of (\d+) tensors shared, (\d+) copied", log)
-    print(f"base weights: {sharing.group(0)}")
-    assert sharing.group(1) == sharing.group(2) and sharing.group(3) == "0"  # fp32 MODEL, fp32 training on CPU
 
     resume = training_only(api)
     resume[train]["inputs"].update(steps=3, resume=True)
