@@ -401,10 +401,13 @@ def _shared_weights(patcher, prefix: str, dtype: torch.dtype) -> dict[str, torch
                     value = comfy.lora.calculate_weight(key_patches, convert(value, inplace=True), key).to(dtype)
                 else:
                     value = _plain(weight).to(dtype)
-                out[key[len(prefix):]] = value.clone() if value.is_inference() else value  # e.g. a backup
+                out[key[len(prefix):]] = value
         else:
             for key, weight in patcher.model_state_dict(prefix).items():
                 out[key[len(prefix):]] = _plain(weight).to(dtype)
+        for key, value in out.items():  # one the module does not hold (a patch backup) may still be one
+            if value.is_inference():
+                out[key] = value.clone()
     held = {t.untyped_storage().data_ptr() for t in patcher.model_state_dict(prefix).values()}
     copied = [t for t in out.values() if t.untyped_storage().data_ptr() not in held]
     log.info("training on the MODEL's own weights: %d of %d tensors shared, %d copied (%.2f GiB; LoRA-patched, "
