@@ -68,3 +68,41 @@ def load_with_diffusers():
             FluxPipeline.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=transformer)
 
     return load
+
+
+@pytest.fixture(scope="session")
+def tiny_model_files(tmp_path_factory):
+    """Tiny model files as ``train --config`` reads them, written once: the transformer as a BFL file with ComfyUI's
+    prefix, the VAE as a diffusers folder and as a bare safetensors file, CLIP-L and T5 folders and their tokenizers.
+    ``tiny_model_files.model_section(transformer=None)`` is a config's ``[model]`` table for them."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from trainer_core.models.flux import diffusers_to_bfl
+    from trainer_core.models.tiny import TINY_T5_MAX_LENGTH, build_tiny_text_encoder, build_tiny_transformer, \
+        build_tiny_vae
+
+    models = tmp_path_factory.mktemp("models")
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in
+               diffusers_to_bfl(build_tiny_transformer(seed=0).state_dict()).items()}, str(models / "flux.safetensors"))
+    vae = build_tiny_vae(seed=0).vae
+    vae.save_pretrained(models / "vae")
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(models / "vae_weights.safetensors"))
+    text = build_tiny_text_encoder(seed=0)
+    text.clip_model.save_pretrained(models / "clip_l")
+    text.t5_model.save_pretrained(models / "t5")
+    text.clip_tokenizer.save_pretrained(models / "tokenizers" / "clip")
+    text.t5_tokenizer.save_pretrained(models / "tokenizers" / "t5")
+
+    def model_section(transformer: Path | None = None) -> str:
+        return f"""[model]
+transformer = "{(transformer or models / 'flux.safetensors').as_posix()}"
+vae = "{(models / 'vae').as_posix()}"
+clip_l = "{(models / 'clip_l').as_posix()}"
+t5 = "{(models / 't5').as_posix()}"
+tokenizers = "{(models / 'tokenizers').as_posix()}"
+t5_max_length = {TINY_T5_MAX_LENGTH}
+"""
+
+    return SimpleNamespace(folder=models, model_section=model_section)

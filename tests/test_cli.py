@@ -54,34 +54,10 @@ def test_train_command_names_missing_model_file(tmp_path, capsys):
     assert err.startswith("error:") and "transformer" in err and "nope.safetensors" in err
 
 
-def test_train_command_trains_from_model_files_on_disk(tmp_path, capsys):
+def test_train_command_trains_from_model_files_on_disk(tmp_path, capsys, tiny_model_files):
     """The headless path end to end: BFL transformer file, diffusers VAE folder, encoder folders + tokenizers."""
-    from safetensors.torch import save_file
-
-    from trainer_core.models.flux import diffusers_to_bfl
-    from trainer_core.models.tiny import TINY_T5_MAX_LENGTH, build_tiny_text_encoder, build_tiny_transformer, \
-        build_tiny_vae
-
-    models = tmp_path / "models"
-    models.mkdir()
-    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in
-               diffusers_to_bfl(build_tiny_transformer(seed=0).state_dict()).items()}, str(models / "flux.safetensors"))
-    build_tiny_vae(seed=0).vae.save_pretrained(models / "vae")
-    text = build_tiny_text_encoder(seed=0)
-    text.clip_model.save_pretrained(models / "clip_l")
-    text.t5_model.save_pretrained(models / "t5")
-    text.clip_tokenizer.save_pretrained(models / "tokenizers" / "clip")
-    text.t5_tokenizer.save_pretrained(models / "tokenizers" / "t5")
     cfg = tmp_path / "run.toml"
-    cfg.write_text(f"""
-[model]
-transformer = "{(models / 'flux.safetensors').as_posix()}"
-vae = "{(models / 'vae').as_posix()}"
-clip_l = "{(models / 'clip_l').as_posix()}"
-t5 = "{(models / 't5').as_posix()}"
-tokenizers = "{(models / 'tokenizers').as_posix()}"
-t5_max_length = {TINY_T5_MAX_LENGTH}
-[dataset]
+    cfg.write_text(tiny_model_files.model_section() + f"""[dataset]
 folder = "{SAMPLES_DIR.as_posix()}"
 resolutions = [64]
 allow_upscale = true
@@ -142,38 +118,12 @@ def test_unknown_or_absent_device_is_refused(capsys, device, message):
 
 
 @pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    """Tiny FLUX-architecture model files on disk (BFL transformer file, diffusers VAE folder, transformers encoder
-    folders and tokenizers) and a config writer for ``train``."""
-    from safetensors.torch import save_file
+def tiny_files(tmp_path_factory, tiny_model_files):
+    models = tiny_model_files.folder
+    cache = tmp_path_factory.mktemp("cache")
 
-    from trainer_core.models.flux import diffusers_to_bfl
-    from trainer_core.models.tiny import TINY_T5_MAX_LENGTH, build_tiny_text_encoder, build_tiny_transformer, \
-        build_tiny_vae
-
-    models = tmp_path_factory.mktemp("models")
-    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in
-               diffusers_to_bfl(build_tiny_transformer(seed=0).state_dict()).items()}, str(models / "flux.safetensors"))
-    vae = build_tiny_vae(seed=0).vae
-    vae.save_pretrained(models / "vae")
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(models / "vae_weights.safetensors"))
-    text = build_tiny_text_encoder(seed=0)
-    text.clip_model.save_pretrained(models / "clip_l")
-    text.t5_model.save_pretrained(models / "t5")
-    text.clip_tokenizer.save_pretrained(models / "tokenizers" / "clip")
-    text.t5_tokenizer.save_pretrained(models / "tokenizers" / "t5")
-    cache = models / "cache"
-
-    def write(path, out, transformer=models / "flux.safetensors", steps=6, checkpoint_every=0):
-        path.write_text(f"""
-[model]
-transformer = "{transformer.as_posix()}"
-vae = "{(models / 'vae').as_posix()}"
-clip_l = "{(models / 'clip_l').as_posix()}"
-t5 = "{(models / 't5').as_posix()}"
-tokenizers = "{(models / 'tokenizers').as_posix()}"
-t5_max_length = {TINY_T5_MAX_LENGTH}
-[dataset]
+    def write(path, out, transformer=None, steps=6, checkpoint_every=0):
+        path.write_text(tiny_model_files.model_section(transformer) + f"""[dataset]
 folder = "{SAMPLES_DIR.as_posix()}"
 resolutions = [64]
 allow_upscale = true

@@ -28,33 +28,10 @@ LAUNCH_TIMEOUT = 300
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory):
+def config(tmp_path_factory, tiny_model_files):
     """A run config over tiny model files on disk (BFL transformer, diffusers VAE, CLIP-L, T5, tokenizers)."""
-    from safetensors.torch import save_file
-
-    from trainer_core.models.flux import diffusers_to_bfl
-    from trainer_core.models.tiny import TINY_T5_MAX_LENGTH, build_tiny_text_encoder, build_tiny_transformer, \
-        build_tiny_vae
-
-    models = tmp_path_factory.mktemp("models")
-    save_file({k: v.contiguous() for k, v in diffusers_to_bfl(build_tiny_transformer(seed=0).state_dict()).items()},
-              str(models / "flux.safetensors"))
-    build_tiny_vae(seed=0).vae.save_pretrained(models / "vae")
-    text = build_tiny_text_encoder(seed=0)
-    text.clip_model.save_pretrained(models / "clip_l")
-    text.t5_model.save_pretrained(models / "t5")
-    text.clip_tokenizer.save_pretrained(models / "tokenizers" / "clip")
-    text.t5_tokenizer.save_pretrained(models / "tokenizers" / "t5")
-    path = models / "run.toml"
-    path.write_text(f"""
-[model]
-transformer = "{(models / 'flux.safetensors').as_posix()}"
-vae = "{(models / 'vae').as_posix()}"
-clip_l = "{(models / 'clip_l').as_posix()}"
-t5 = "{(models / 't5').as_posix()}"
-tokenizers = "{(models / 'tokenizers').as_posix()}"
-t5_max_length = {TINY_T5_MAX_LENGTH}
-[dataset]
+    path = tmp_path_factory.mktemp("run") / "run.toml"
+    path.write_text(tiny_model_files.model_section() + f"""[dataset]
 folder = "{SAMPLES_DIR.as_posix()}"
 resolutions = [64]
 allow_upscale = true
