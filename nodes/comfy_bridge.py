@@ -333,25 +333,40 @@ def diffusers_layout(weights: dict[str, torch.Tensor], key_map: dict[str, Any]) 
 
 
 def _patched_weights(patcher, prefix: str, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-    """A ModelPatcher's weights under ``prefix`` (prefix removed), LoRAs applied to it merged in, as plain tensors
-    made outside inference mode."""
+    """A ModelPatcher's weights under ``prefix`` (prefix removed), LoRAs applied to it merged in, as copies made
+    outside inference mode, in ``dtype`` on ``device``: for models the trainer changes (text-encoder LoRAs)."""
+    with torch.inference_mode(False), torch.no_grad():
+        held = _storages(patcher, prefix)
+        return {key: value.to(device=device, dtype=dtype,
+                              copy=value.is_inference() or value.untyped_storage().data_ptr() in held)
+                for key, value in _merged_weights(patcher, prefix, dtype).items()}
+
+
+def _merged_weights(patcher, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A ModelPatcher's weights under ``prefix`` (prefix removed) in ``dtype``, LoRAs applied to it merged in (new
+    tensors); an unpatched weight already in ``dtype`` is the module's own tensor."""
+    patches = getattr(patcher, "patches", None) or {}
     out: dict[str, torch.Tensor] = {}
     with torch.inference_mode(False), torch.no_grad():
-        patches = getattr(patcher, "patches", None) or {}
-        if patches:
+        if any(key.startswith(prefix) and key_patches for key, key_patches in patches.items()):
             import comfy.lora
 
             # Original weights (from the backup if the model is currently patched) plus their patches.
             for key, ((weight, convert), *key_patches) in patcher.get_key_patches(prefix).items():
-                value = _plain(weight).to(torch.float32, copy=True)
                 if key_patches:
-                    value = comfy.lora.calculate_weight(key_patches, convert(value, inplace=True), key)
-                out[key[len(prefix):]] = value.to(device=device, dtype=dtype)
-                del value
+                    value = _plain(weight).to(torch.float32, copy=True)
+                    value = comfy.lora.calculate_weight(key_patches, convert(value, inplace=True), key).to(dtype)
+                else:
+                    value = _plain(weight).to(dtype)
+                out[key[len(prefix):]] = value
         else:
             for key, weight in patcher.model_state_dict(prefix).items():
-                out[key[len(prefix):]] = _plain(weight).to(device=device, dtype=dtype, copy=True)
+                out[key[len(prefix):]] = _plain(weight).to(dtype)
     return out
+
+
+def _storages(patcher, prefix: str) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in patcher.model_state_dict(prefix).values()}
 
 
 def _rehome(module: torch.nn.Module) -> None:
@@ -388,27 +403,12 @@ def _shared_weights(patcher, prefix: str, dtype: torch.dtype) -> dict[str, torch
     copy: the final layer's modulation, whose scale/shift halves diffusers stores the other way round.)
     """
     _rehome(patcher.model.get_submodule(prefix.rstrip(".")))
-    patches = getattr(patcher, "patches", None) or {}
-    out: dict[str, torch.Tensor] = {}
+    out = _merged_weights(patcher, prefix, dtype)
     with torch.inference_mode(False), torch.no_grad():
-        if any(key.startswith(prefix) and key_patches for key, key_patches in patches.items()):
-            import comfy.lora
-
-            # Original weights (from the backup if the model is currently patched) plus their patches.
-            for key, ((weight, convert), *key_patches) in patcher.get_key_patches(prefix).items():
-                if key_patches:
-                    value = _plain(weight).to(torch.float32, copy=True)
-                    value = comfy.lora.calculate_weight(key_patches, convert(value, inplace=True), key).to(dtype)
-                else:
-                    value = _plain(weight).to(dtype)
-                out[key[len(prefix):]] = value
-        else:
-            for key, weight in patcher.model_state_dict(prefix).items():
-                out[key[len(prefix):]] = _plain(weight).to(dtype)
         for key, value in out.items():  # one the module does not hold (a patch backup) may still be one
             if value.is_inference():
                 out[key] = value.clone()
-    held = {t.untyped_storage().data_ptr() for t in patcher.model_state_dict(prefix).values()}
+    held = _storages(patcher, prefix)
     copied = [t for t in out.values() if t.untyped_storage().data_ptr() not in held]
     log.info("training on the MODEL's own weights: %d of %d tensors shared, %d copied (%.2f GiB; LoRA-patched, "
              "quantized or not in %s)", len(out) - len(copied), len(out), len(copied),

@@ -221,7 +221,8 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_files):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ctrl_c_while_drawing_the_comparison_samples_keeps_the_finished_lora(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_while_drawing_the_comparison_samples_keeps_the_finished_lora(tmp_path, monkeypatch, capsys,
+                                                                           tiny_files):
     """The LoRA is written before the before/after samples; a Ctrl+C there says so instead of 'before training'."""
     import trainer_core.train
 
@@ -234,7 +235,8 @@ def test_ctrl_c_while_drawing_the_comparison_samples_keeps_the_finished_lora(tmp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer_core.train, "sample_validation", interrupted_after_training)
-    assert main(["demo", "--out", str(tmp_path), "--steps", "2"]) == 130
+    cfg = tiny_files(tmp_path / "run.toml", tmp_path / "out", steps=2)
+    assert main(["train", "--config", str(cfg), "--device", "cpu"]) == 130
     err = capsys.readouterr().err
     assert "the LoRA above is complete" in err and "before training" not in err
-    assert (tmp_path / "demo_lora.safetensors").is_file()
+    assert (tmp_path / "out" / "mine.safetensors").is_file()
