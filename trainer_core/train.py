@@ -11,8 +11,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,7 +369,7 @@ def train_lora(
     with torch.inference_mode(False), torch.enable_grad():
         session = TrainingSession(transformer, cache, lora_cfg, train_cfg, mem_cfg, device, text_encoder)
         try:
-            with distributed.deferred_stop_signals():
+            with distributed.stop_signals():
                 return _run(session, callbacks, metrics, output_dir, name, checkpoint_dir, resume, overwrite,
                             validation, metadata or {})
         finally:
@@ -428,14 +426,13 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog | N
 
     main = distributed.is_main()
     started = time.perf_counter()
-    ctrl_c = _CtrlCBetweenSteps()
     try:
         while session.step_count < cfg.steps:
             # On N processes a stop (a callback's, Ctrl+C between steps, or Ctrl+C / SIGTERM passed on by the
             # launcher) is agreed first, so all of them stop at the same step.
-            if distributed.any_process(callbacks.should_stop() or ctrl_c.requested or distributed.stop_signalled()):
-                if ctrl_c.requested:
-                    raise KeyboardInterrupt
+            if distributed.any_process(callbacks.should_stop() or distributed.stop_signalled()):
+                if distributed.stop_signalled() and distributed.world_size() == 1:
+                    raise KeyboardInterrupt  # Ctrl+C on the CLI: the caller reports the resumable checkpoint
                 raise TrainingStopped(f"stopped at step {session.step_count} on request")
             t0 = time.perf_counter()
             loss = session.step()
@@ -466,8 +463,6 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog | N
         if isinstance(exc, TrainingStopped):
             raise TrainingStopped(_stop_message(exc, path, finite), checkpoint=path) from exc
         raise
-    finally:
-        ctrl_c.restore()
 
     elapsed = time.perf_counter() - started
     meta = {
@@ -517,33 +512,6 @@ def _stop_message(exc: TrainingStopped, path: Path | None, finite: bool) -> str:
     advice = ("Lower the learning rate or check the dataset, then resume." if "loss became" in str(exc)
               else "Run again with resume on to continue.")
     return f"{exc} — resumable checkpoint kept at '{path}'. {advice}"
-
-
-class _CtrlCBetweenSteps:
-    """Ctrl+C (SIGINT) lets the step in flight finish and sets ``requested``; the loop then stops between steps,
-    so the checkpoint it saves resumes exactly. A second Ctrl+C stops at once (the step rolls back, see
-    TrainingSession.step).
-
-    Only where Python's own handler is installed on the main thread (the CLI); elsewhere (ComfyUI runs nodes in a
-    worker thread) nothing changes and ``requested`` stays False.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-
-    def _on_sigint(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("Ctrl+C: stopping after the current step (press again to stop at once)")
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def _save_adapters(session: TrainingSession, output_dir: Path, name: str, meta: dict[str, str],
