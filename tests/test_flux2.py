@@ -2,6 +2,7 @@
 convert BFL ⇄ diffusers exactly, the family is detected from the weights, and a tiny FLUX.2 trains through
 ``train_lora`` into a LoRA that diffusers' FLUX.2 loaders apply to identical outputs."""
 
+import dataclasses
 import json
 
 import pytest
@@ -352,3 +353,131 @@ def test_flux2_kohya_export_loads_through_diffusers_flux2_converter(tmp_path):
     assert torch.allclose(_velocity(fresh, "klein"), expected, rtol=0, atol=1e-5)
     assert not torch.allclose(_velocity(flux2.build_tiny_flux2_transformer("klein", seed=4), "klein"), expected,
                               atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoders: the FLUX.2 VAE and text conditioning against diffusers' FLUX.2 pipelines
+
+def test_flux2_vae_latents_equal_the_pipeline_encoding_and_a_flux1_vae_is_refused(tmp_path):
+    from diffusers import Flux2KleinPipeline
+
+    from trainer_core.models.encoders import load_vae
+    from trainer_core.models.flux2_encoders import build_tiny_flux2_vae, load_flux2_vae
+    from trainer_core.models.tiny import build_tiny_vae
+
+    vae = build_tiny_flux2_vae(seed=3)
+    images = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(0))
+    ours = vae.encode(images)
+    assert ours.shape == (2, 128, 4, 3)
+    pipe = Flux2KleinPipeline(scheduler=None, vae=vae.vae, text_encoder=None, tokenizer=None, transformer=None)
+    with torch.no_grad():  # what the DreamBooth recipes cache and the pipelines condition on: pixels in −1..1
+        reference = pipe._encode_vae_image(images * 2 - 1, generator=None)
+    assert torch.allclose(ours, reference, rtol=0, atol=1e-6)
+    # normalised by the BatchNorm statistics: not the raw shuffled latents
+    assert not torch.allclose(ours, torch.nn.functional.pixel_unshuffle(
+        vae.vae.encode(images * 2 - 1).latent_dist.mode(), 2), atol=1e-3)
+
+    vae.vae.save_pretrained(tmp_path / "vae")
+    loaded = load_flux2_vae(tmp_path / "vae", dtype=torch.float32)
+    assert torch.equal(loaded.encode(images), ours) and loaded.identity == vae.identity
+    assert loaded.decode(ours).shape == (2, 3, 64, 48)
+    build_tiny_vae(seed=0).vae.save_pretrained(tmp_path / "flux1_vae")
+    with pytest.raises(TrainerInputError, match=r"FLUX\.2 transformer needs the FLUX\.2 VAE.*FLUX\.1 VAE"):
+        load_flux2_vae(tmp_path / "flux1_vae")
+    with pytest.raises(TrainerInputError, match=r"FLUX\.2 VAE, which only FLUX\.2 transformers take; a FLUX\.1"):
+        load_vae(tmp_path / "vae")
+
+
+def _causal_lm(variant, text):
+    """The tiny text model as the pipelines hold it: the ForCausalLM class around the same weights."""
+    from transformers import MistralForCausalLM, Qwen3ForCausalLM
+
+    cls = Qwen3ForCausalLM if variant == "klein" else MistralForCausalLM
+    model = cls(text.model.config).eval()
+    missing, _ = model.load_state_dict({f"model.{k}": v for k, v in text.model.state_dict().items()}, strict=False)
+    assert missing == ["lm_head.weight"]
+    return model
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flux2_text_embeddings_equal_the_pipeline_prompt_encoding(tmp_path, variant):
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline
+
+    from trainer_core.models.flux2_encoders import (TINY_MAX_LENGTH, build_tiny_flux2_text_encoder,
+                                                    load_flux2_text_encoder)
+
+    text = build_tiny_flux2_text_encoder(variant, seed=1)
+    prompts = ["a photo of sks robot on a blue background", "two [IMG] cats"]
+    hidden, pooled = text.encode(prompts)
+    assert hidden.shape == (2, TINY_MAX_LENGTH, _text_width(variant)) and pooled.shape == (2, 0)
+    lm = _causal_lm(variant, text)
+    with torch.no_grad():
+        if variant == "klein":
+            reference = Flux2KleinPipeline._get_qwen3_prompt_embeds(lm, text.tokenizer, prompts,
+                                                                   max_sequence_length=TINY_MAX_LENGTH)
+        else:
+            reference = Flux2Pipeline._get_mistral_3_small_prompt_embeds(lm, text.tokenizer, prompts,
+                                                                         max_sequence_length=TINY_MAX_LENGTH)
+    assert torch.allclose(hidden, reference, rtol=0, atol=1e-6)
+    assert not torch.allclose(hidden[0], hidden[1])
+
+    # from the files users have: a transformers folder (the ForCausalLM checkpoint) with its tokenizer beside it
+    lm.save_pretrained(tmp_path / "text_encoder")
+    text.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    sources = [tmp_path / "text_encoder"]
+    if variant == "klein":  # and ComfyUI's single file (qwen_3_4b layout: model.… keys)
+        save_file({f"model.{k}": v.contiguous() for k, v in text.model.state_dict().items()},
+                  str(tmp_path / "qwen.safetensors"))
+        sources.append(tmp_path / "qwen.safetensors")
+    for source in sources:
+        loaded = load_flux2_text_encoder(source, tmp_path / "tokenizer", TINY_MAX_LENGTH, dtype=torch.float32)
+        assert torch.allclose(loaded.encode(prompts)[0], reference, rtol=0, atol=1e-6), source
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation samples against the pipelines, with a LoRA loaded through load_lora_weights
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flux2_samples_equal_the_pipeline_and_its_lora_loads_through_load_lora_weights(tmp_path, variant):
+    """klein base: real CFG against a negative prompt; dev: its guidance embedding. The same Euler loop, noise and
+    decode give the images Flux2KleinPipeline / Flux2Pipeline give once they load our LoRA file."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
+
+    from trainer_core.models.flux2_encoders import build_tiny_flux2_text_encoder, build_tiny_flux2_vae
+    from trainer_core.train import sample_validation
+
+    model = flux2.build_tiny_flux2_transformer(variant, seed=6)
+    lora.add_lora(model, LoraConfig(rank=4, alpha=2.0, targets="attention+ffs"))
+    with torch.no_grad():  # lora_B starts at zero: give the adapter an effect
+        for param in lora.lora_parameters(model):
+            param.normal_(std=0.05, generator=torch.Generator().manual_seed(param.numel()))
+    path = lora.save_lora(tmp_path / "l.safetensors", model, {}, dtype=None)
+    # alpha/rank is folded into lora_B, and FLUX.2 files leave alpha (= rank) out: load_lora_weights refuses it
+    assert not any(k.endswith(".alpha") for k in lora.read_lora_file(path)[0])
+
+    vae, text = build_tiny_flux2_vae(seed=2), build_tiny_flux2_text_encoder(variant, seed=2)
+    (hidden, negative), pooled = text.encode(["a photo of sks robot", ""])[0], torch.zeros(0)
+    cfg = SampleConfig(steps=3, width=64, height=48, guidance=4.0, seed=9)
+    prompts = ValidationPrompts([(hidden, pooled)], cfg, negative=(negative, pooled))
+    ours = vae.decode(sample_validation(model, prompts, "cpu"))
+    assert FLUX2.real_cfg(model.config) == (variant == "klein")
+
+    noise = torch.randn((1, 128, 3, 4), generator=torch.Generator().manual_seed(cfg.seed))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, time_shift_type="exponential")
+    fresh = flux2.build_tiny_flux2_transformer(variant, seed=6)
+    pipe_cls = Flux2KleinPipeline if variant == "klein" else Flux2Pipeline
+    pipe = pipe_cls(scheduler=scheduler, vae=vae.vae, text_encoder=text.model, tokenizer=text.tokenizer,
+                    transformer=fresh)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path))
+    extra = {"negative_prompt_embeds": negative[None]} if variant == "klein" else {}
+    with torch.no_grad():
+        theirs = pipe(prompt_embeds=hidden[None], guidance_scale=cfg.guidance, num_inference_steps=cfg.steps,
+                      height=cfg.height, width=cfg.width, latents=noise, output_type="pt", **extra).images
+    assert theirs.shape == ours.shape == (1, 3, 48, 64)
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-5)
+    # the comparison can fail: without the guidance (or the LoRA) the images differ
+    unguided = vae.decode(sample_validation(model, ValidationPrompts([(hidden, pooled)], dataclasses.replace(
+        cfg, guidance=1.0), negative=(negative, pooled)), "cpu"))
+    assert not torch.allclose(unguided, theirs, atol=1e-3)

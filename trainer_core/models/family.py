@@ -37,6 +37,7 @@ class ModelFamily:
     encoder_fields: tuple[str, ...]  # the CLI's [model] fields naming this family's VAE and text encoder(s)
     # Validation samples of some of its models use real classifier-free guidance: cache the negative prompt too.
     uses_negative_prompt = False
+    lora_alpha_tensors = True  # the default LoRA file writes each LoRA's alpha (= its rank: scale 1)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latent of a ``height`` × ``width`` pixel image."""
@@ -234,6 +235,7 @@ class Flux2Family(ModelFamily):
     single_output = flux2.SINGLE_OUTPUT
     encoder_fields = ("vae", "text_encoder")
     uses_negative_prompt = True  # klein base is undistilled: its samples need real CFG
+    lora_alpha_tensors = False  # diffusers' Flux2LoraLoaderMixin.load_lora_weights refuses ".alpha" keys
 
     def pack_latents(self, latents):
         return flux2.pack_latents(latents)

@@ -350,7 +350,8 @@ def build_tiny_flux2_text_model(variant: str = "klein", seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if variant == "klein":
-            return Qwen3Model(Qwen3Config(num_hidden_layers=28, **common)).eval()
+            # Qwen3's RoPE θ, which a single file does not record (the file loader assumes it)
+            return Qwen3Model(Qwen3Config(num_hidden_layers=28, rope_theta=1_000_000.0, **common)).eval()
         return MistralModel(MistralConfig(num_hidden_layers=31, **common)).eval()
 
 
