@@ -4,6 +4,7 @@ convert BFL ⇄ diffusers exactly, the family is detected from the weights, and 
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -481,3 +482,74 @@ def test_flux2_samples_equal_the_pipeline_and_its_lora_loads_through_load_lora_w
     unguided = vae.decode(sample_validation(model, ValidationPrompts([(hidden, pooled)], dataclasses.replace(
         cfg, guidance=1.0), negative=(negative, pooled)), "cpu"))
     assert not torch.allclose(unguided, theirs, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CLI: train --config with FLUX.2 files
+
+@pytest.fixture(scope="module")
+def tiny_flux2_folder(tmp_path_factory):
+    """``tiny-models --family flux2``: the tiny klein files and their train.toml."""
+    from trainer_core.cli import main
+
+    folder = tmp_path_factory.mktemp("flux2") / "models"
+    assert main(["tiny-models", str(folder), "--family", "flux2"]) == 0
+    return folder
+
+
+def test_flux2_cli_trains_from_the_tiny_flux2_files(tiny_flux2_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer_core.cli import config_toml, main
+    from trainer_core.config import load_run_config
+
+    run = load_run_config(tiny_flux2_folder / "train.toml")
+    assert run.model.text_encoder and not (run.model.clip_l or run.model.t5) and run.model.family == "auto"
+    run.dataset.resolutions = [64]  # the written recipe at a test's size
+    run.train = dataclasses.replace(run.train, steps=3, checkpoint_every=0)
+    run.sample = dataclasses.replace(run.sample, steps=2, width=64, height=64,
+                                     prompts=["a photo of sks robot on a blue background"])
+    run.output.folder = (tmp_path / "out").as_posix()
+    assert run.sample.guidance > 1 and run.train.timestep_sampling == "flux_shift"  # klein: CFG; FLUX.2's shift
+    config = tmp_path / "short.toml"
+    config.write_text(config_toml(run), encoding="utf-8")
+    assert main(["train", "--config", str(config), "--device", "cpu"]) == 0
+
+    out = tmp_path / "out"
+    state, meta = lora.read_lora_file(out / "tiny_lora.safetensors")
+    assert meta["modelspec.architecture"] == "flux-2-klein/lora"
+    assert meta["base_model"] == "flux2-klein-tiny.safetensors" and int(meta["steps"]) == 3
+    assert any(".attn.to_qkv_mlp_proj.lora_A" in k for k in state) and not any(k.endswith(".alpha") for k in state)
+    assert (out / "samples.png").is_file() and (out / "loss.png").is_file()
+    latents = sorted((out / "cache" / "latents").glob("*.safetensors"))
+    assert len(latents) == 8 and load_file(str(latents[0]))["latent"].shape == (128, 4, 4)
+    texts = list((out / "cache" / "text").glob("*.safetensors"))
+    assert len(texts) == 9  # the 8 captions (the prompt is one of them) and the empty negative prompt
+    assert {load_file(str(p))["hidden"].shape for p in texts} == {(96, 48)}
+
+
+def test_flux2_cli_refuses_encoders_of_the_other_family(tiny_flux2_folder, tiny_model_files, tmp_path, capsys):
+    from trainer_core.cli import main
+
+    flux1_file = tiny_model_files.folder / "flux.safetensors"
+    flux2_file = tiny_flux2_folder / "flux2-klein-tiny.safetensors"
+    cases = {
+        # a FLUX.1 transformer with FLUX.2's text encoder
+        f'[model]\ntransformer = "{flux1_file.as_posix()}"\nvae = "{(tiny_model_files.folder / "vae").as_posix()}"\n'
+        f'text_encoder = "{(tiny_flux2_folder / "qwen3-tiny.safetensors").as_posix()}"\n':
+            r"\[model\] text_encoder: .* is a FLUX\.2 text encoder setting, but transformer .*flux\.safetensors' "
+            r"is a FLUX\.1 transformer\. FLUX\.1 takes vae, clip_l, t5",
+        # a FLUX.2 transformer with FLUX.1's CLIP-L and T5
+        tiny_model_files.model_section(flux2_file):
+            r"\[model\] clip_l: .* is a FLUX\.1 text encoder setting, but transformer .*flux2-klein-tiny\.safetensors' "
+            r"is a FLUX\.2 transformer\. FLUX\.2 takes vae, text_encoder",
+        # a family named that the weights contradict
+        f'[model]\ntransformer = "{flux2_file.as_posix()}"\nfamily = "flux1"\n':
+            r"\[model\] family: 'flux1' \(FLUX\.1\), but transformer .* is a FLUX\.2 transformer",
+    }
+    for i, (model_section, message) in enumerate(cases.items()):
+        config = tmp_path / f"c{i}.toml"
+        config.write_text(model_section + f'[dataset]\nfolder = "{tmp_path.as_posix()}"\n', encoding="utf-8")
+        assert main(["train", "--config", str(config), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err), err
