@@ -182,7 +182,7 @@ class Flux2TextEncoder:
             inputs = tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=True, return_dict=True,
                                              return_tensors="pt", padding="max_length", truncation=True,
                                              max_length=self.max_length)
-        if bool(inputs["attention_mask"][:, -1].all()):
+        if bool(inputs["attention_mask"][:, -1].any()):
             log.warning("a caption fills all %d text tokens; the rest is cut off", self.max_length)
         return inputs["input_ids"], inputs["attention_mask"]
 
