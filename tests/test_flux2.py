@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from trainer_core import flow, lora
-from trainer_core.config import LoraConfig, SampleConfig, TrainConfig
+from trainer_core.config import DatasetConfig, LoraConfig, SampleConfig, TrainConfig
 from trainer_core.data.cache import LatentCache
 from trainer_core.errors import TrainerInputError
 from trainer_core.memory.estimate import estimate_vram
@@ -553,3 +553,36 @@ def test_flux2_cli_refuses_encoders_of_the_other_family(tiny_flux2_folder, tiny_
         assert main(["train", "--config", str(config), "--device", "cpu"]) == 2
         err = capsys.readouterr().err
         assert re.search(message, err), err
+
+
+def test_flux2_cache_from_its_encoders_and_masked_loss_at_its_latent_resolution(tmp_path, monkeypatch):
+    """Images and captions go through the FLUX.2 VAE and Qwen3 into the cache; a loss mask (cached per 8×8 pixel
+    cell) weights each 16×16 latent cell by its mean."""
+    from trainer_core.data.cache import build_cache
+    from trainer_core.data.dataset import dataset_from_images
+    from trainer_core.models.flux2_encoders import build_tiny_flux2_text_encoder, build_tiny_flux2_vae
+
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(2, 64, 64)
+    masks[0, :, :24] = 1  # 1.5 latent cells wide: the middle column of cells is half weighted
+    items = dataset_from_images(images, ["a robot", "a cube"],
+                                DatasetConfig(resolutions=[64], masked_loss=True), masks=masks)
+    vae = build_tiny_flux2_vae(seed=1)
+    cache = build_cache(items, vae, build_tiny_flux2_text_encoder("klein", seed=1), tmp_path / "cache")
+    assert torch.allclose(cache.latent(0), vae.encode(items[0].load_pixels()[None])[0])
+    assert cache.text(0)[0].shape[1] == 48 and cache.text(0)[1].shape == (0,)
+    # fully cached: no encoder needed the second time, the FLUX.2 layout is recognised
+    assert build_cache(items, None, None, tmp_path / "cache").reused == 4
+
+    seen = []
+    original = flow.elementwise_loss
+    monkeypatch.setattr(flow, "elementwise_loss", lambda p, t, *a: seen.append((p.detach(), t)) or original(p, t, *a))
+    session = TrainingSession(flux2.build_tiny_flux2_transformer("klein"), cache, LoraConfig(rank=2),
+                              TrainConfig(steps=1, compute_dtype="fp32", batch_size=2, checkpoint_every=0),
+                              device="cpu")
+    loss = session.step()
+    err = (seen[0][0] - seen[0][1]) ** 2  # [2, 128, 4, 4]
+    order = session.order.batch(0)
+    weights = torch.stack([torch.nn.functional.avg_pool2d(masks[i][None], 16) for i in order]).expand_as(err)
+    assert loss == pytest.approx(((err * weights).sum() / weights.sum()).item(), rel=1e-5)
+    assert abs(loss - err.mean().item()) > 1e-3  # the unweighted mean would differ
