@@ -306,6 +306,7 @@ def test_flux2_trains_end_to_end_and_its_lora_loads_in_diffusers(sample_cache, t
     assert state and all(k.startswith("transformer.") for k in state)
     assert any(".attn.to_qkv_mlp_proj." in k for k in state) and any(".ff.linear_in." in k for k in state)
     assert float(meta["alpha"]) == 4 and int(meta["rank"]) == 8  # alpha/rank is folded into lora_B
+    assert meta["modelspec.architecture"] == f"flux-2-{variant}/lora"
 
     expected = _velocity(model, variant)
     lora_effect = (_velocity(flux2.build_tiny_flux2_transformer(variant, seed=0), variant) - expected).norm()
