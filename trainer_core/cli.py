@@ -150,7 +150,9 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
         workload = memory.Workload.for_training(model_config, cache.sizes, cache.text(0)[0].shape[0], run.lora,
                                                 run.train)
         mem_cfg, vram = memory.plan_memory(run.memory, workload, device=device)
-        live_bytes = sum(p.numel() * p.element_size() for m in (text_encoder.clip_model, text_encoder.t5_model)
+        # FLUX.1's CLIP-L + T5 (clip_model, t5_model) or FLUX.2's one language model (model)
+        models = [getattr(text_encoder, name, None) for name in ("clip_model", "t5_model", "model")]
+        live_bytes = sum(p.numel() * p.element_size() for m in models if m is not None
                          for p in m.parameters()) if live_text else 0
         memory.check_host_ram(memory.estimate_host_ram(vram, model_config, mem_cfg,
                                                        compute_dtype=run.train.compute_dtype,
