@@ -79,24 +79,35 @@ class TrainResult:
 
 @dataclass
 class ValidationPrompts:
-    """Encoded validation prompts (hidden [L, D], pooled [P] each) and how to sample them."""
+    """Encoded validation prompts (hidden [L, D], pooled [P] each) and how to sample them; ``negative`` is the
+    encoded ``config.negative_prompt``, which models sampled with real CFG (FLUX.2 klein base) need."""
 
     embeddings: Sequence[tuple[torch.Tensor, torch.Tensor]]
     config: SampleConfig = field(default_factory=SampleConfig)
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @torch.no_grad()
 def sample_validation(transformer, prompts: ValidationPrompts, device, dtype=torch.float32,
                       family: ModelFamily | None = None) -> torch.Tensor:
-    """Euler-sample one latent per validation prompt; fixed noise seed, so samples compare across time."""
+    """Euler-sample one latent per validation prompt; fixed noise seed, so samples compare across time.
+
+    A transformer its family samples with real CFG (FLUX.2 klein base) is guided against ``prompts.negative`` at
+    scale ``sample.guidance`` where that is above 1, as its diffusers pipeline does."""
     cfg = prompts.config
     family = family or detect_family(transformer)
+    negative = None
+    if family.real_cfg(transformer.config) and cfg.guidance > 1:
+        if prompts.negative is None:
+            log.warning("validation samples without classifier-free guidance: no negative prompt embedding given")
+        else:
+            negative = tuple(t[None].to(device) for t in prompts.negative)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = []
     for hidden, pooled in prompts.embeddings:
         noise = torch.randn((1, *family.latent_shape(cfg.height, cfg.width)), generator=gen).to(device)
         latent = flow.euler_sample(transformer, noise, hidden[None].to(device), pooled[None].to(device),
-                                   cfg.guidance, cfg.steps, dtype=dtype, family=family)
+                                   cfg.guidance, cfg.steps, dtype=dtype, family=family, negative=negative)
         out.append(latent.cpu())
     return torch.cat(out)
 
@@ -178,7 +189,9 @@ class TrainingSession:
         weight = None
         if self.cache.has_masks:  # items without a mask train on every latent cell
             masks = [self.cache.mask(i) for i in mine]
-            weight = torch.stack([m if m is not None else torch.ones(1, *x0.shape[-2:]) for m in masks]).float()
+            # masks are cached per 8×8 pixel cell; a coarser latent (FLUX.2: /16) averages them over its cells
+            weight = torch.stack([torch.nn.functional.adaptive_avg_pool2d(m.float(), x0.shape[-2:]) if m is not None
+                                  else torch.ones(1, *x0.shape[-2:]) for m in masks]).float()
         return len(indices), x0, hidden, pooled, weight
 
     def step(self) -> float:
@@ -468,7 +481,7 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog | N
     meta = {
         **{k: str(v) for k, v in metadata.items()},
         "trainer": "flux-lora-trainer",
-        "modelspec.architecture": "flux-1-dev/lora",
+        "modelspec.architecture": session.family.lora_architecture(session.transformer.config),
         "rank": str(session.lora_cfg.rank),
         "alpha": str(session.lora_cfg.alpha),
         "targets": session.lora_cfg.targets,
