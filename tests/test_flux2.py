@@ -587,3 +587,18 @@ def test_flux2_cache_from_its_encoders_and_masked_loss_at_its_latent_resolution(
     weights = torch.stack([torch.nn.functional.avg_pool2d(masks[i][None], 16) for i in order]).expand_as(err)
     assert loss == pytest.approx(((err * weights).sum() / weights.sum()).item(), rel=1e-5)
     assert abs(loss - err.mean().item()) > 1e-3  # the unweighted mean would differ
+
+
+def test_flux2_text_encoder_lora_is_refused_before_anything_is_cached(tiny_flux2_folder, tmp_path, capsys):
+    """FLUX.2's Qwen3 / Mistral take no LoRA here: the config is refused at once, not after minutes of caching."""
+    from trainer_core.cli import main
+
+    config = tmp_path / "te.toml"
+    written = (tiny_flux2_folder / "train.toml").read_text(encoding="utf-8")
+    assert "[lora]" not in written  # the tiny recipe keeps the default LoRA settings
+    config.write_text(written + '\n[lora]\ntext_encoders = "t5"\n', encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.text_encoders = 't5' is not available for FLUX.2" in err and "set text_encoders to 'none'" in err
+    assert not out.exists()  # nothing cached or written

@@ -369,6 +369,7 @@ def cmd_train(args) -> int:
                                 f"is a {family.name} transformer; set family = \"auto\" or choose a {named} "
                                 "transformer.")
     family.check_model_paths(paths, paths.transformer)
+    family.check_lora_config(run.lora)
     if not run.dataset.folder:
         raise TrainerInputError("[dataset] folder: no dataset folder given; set it in the config or use --dataset.")
     out = Path(run.output.folder)

@@ -38,6 +38,16 @@ class ModelFamily:
     # Validation samples of some of its models use real classifier-free guidance: cache the negative prompt too.
     uses_negative_prompt = False
     lora_alpha_tensors = True  # the default LoRA file writes each LoRA's alpha (= its rank: scale 1)
+    text_encoder_loras: tuple[str, ...] = ()  # lora.text_encoders values this family can train
+
+    def check_lora_config(self, lora_cfg) -> None:
+        """Refuse LoRA settings this family cannot train, before anything is cached or loaded."""
+        if lora_cfg.text_encoders != "none" and lora_cfg.text_encoders not in self.text_encoder_loras:
+            can = (f"it trains {', '.join(repr(t) for t in self.text_encoder_loras)}" if self.text_encoder_loras
+                   else "this trainer trains its transformer only")
+            raise TrainerInputError(
+                f"lora.text_encoders = '{lora_cfg.text_encoders}' is not available for {self.name} ({can}); set "
+                "text_encoders to 'none'.")
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latent of a ``height`` × ``width`` pixel image."""
@@ -146,6 +156,7 @@ class Flux1Family(ModelFamily):
     latent_downscale = 8
     single_output = r"single_transformer_blocks\.{index}\.proj_out"
     encoder_fields = ("vae", "clip_l", "t5")
+    text_encoder_loras = ("clip_l", "t5", "both")
 
     @property
     def target_presets(self) -> dict[str, str]:
