@@ -526,8 +526,10 @@ def test_a_model_weight_comfyuis_key_map_does_not_name_is_reported(pack, comfy_k
 
 
 def test_non_flux_model_is_refused(pack):
-    with pytest.raises(pack.errors.TrainerInputError, match="'flux2'.*not FLUX.1"):
-        pack.bridge.flux_state_dict(FakeModelPatcher({}, image_model="flux2"), torch.float32)
+    with pytest.raises(pack.errors.TrainerInputError, match="'sd3'.*not FLUX.1 or FLUX.2"):
+        pack.bridge.flux_state_dict(FakeModelPatcher({}, image_model="sd3"), torch.float32)
+    assert pack.bridge.model_family(FakeModelPatcher({}, image_model="flux2")).name == "FLUX.2"
+    assert pack.bridge.flux_variant(FakeModelPatcher({}, image_model="flux2", guidance=False)) == "klein"
     with pytest.raises(pack.errors.TrainerInputError, match="not FLUX.1"):
         pack.bridge.flux_variant(SimpleNamespace(model=SimpleNamespace()))
 

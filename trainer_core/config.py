@@ -253,10 +253,12 @@ class SampleConfig:
     seed: int = 0
     width: int = 512
     height: int = 512
+    cfg_scale: float = 1.0  # real classifier-free guidance against a negative prompt (FLUX.2 klein base: ~4)
 
     def validate(self) -> "SampleConfig":
         _check_finite("sample", self)
         _check_positive("sample", "steps", self.steps)
+        _check_positive("sample", "cfg_scale", self.cfg_scale)
         _check_positive("sample", "every", self.every, allow_zero=True)
         for name in ("width", "height"):
             value = getattr(self, name)

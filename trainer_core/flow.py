@@ -140,13 +140,22 @@ def euler_sample(
     steps: int,
     dtype: torch.dtype = torch.float32,
     family: ModelFamily | None = None,
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None,
+    cfg_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Integrate dx/dσ = v from pure noise (σ = 1) to a clean latent (σ = 0)."""
+    """Integrate dx/dσ = v from pure noise (σ = 1) to a clean latent (σ = 0).
+
+    With ``negative`` (hidden, pooled) and ``cfg_scale`` ≠ 1: real classifier-free guidance, as undistilled models
+    (FLUX.2 klein base) are sampled, v = v_neg + cfg_scale · (v − v_neg).
+    """
     family = family or detect_family(transformer)
     _, _, h, w = noise.shape
     sigmas = sampling_sigmas(steps, family.image_token_count(h, w), family=family).to(noise.device)
     x = noise.float()
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         v = predict_velocity(transformer, x, sigma.expand(x.shape[0]), hidden, pooled, guidance, dtype, family)
+        if negative is not None and cfg_scale != 1.0:
+            v_neg = predict_velocity(transformer, x, sigma.expand(x.shape[0]), *negative, guidance, dtype, family)
+            v = v_neg + cfg_scale * (v - v_neg)
         x = x + (sigma_next - sigma) * v
     return x

@@ -85,6 +85,7 @@ class ValidationPrompts:
 
     embeddings: Sequence[tuple[torch.Tensor, torch.Tensor]]
     config: SampleConfig = field(default_factory=SampleConfig)
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden, pooled) for config.cfg_scale ≠ 1
 
 
 @torch.no_grad()
@@ -95,10 +96,12 @@ def sample_validation(transformer, prompts: ValidationPrompts, device, dtype=tor
     family = family or detect_family(transformer)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = []
+    negative = None if prompts.negative is None else tuple(t[None].to(device) for t in prompts.negative)
     for hidden, pooled in prompts.embeddings:
         noise = torch.randn((1, *family.latent_shape(cfg.height, cfg.width)), generator=gen).to(device)
         latent = flow.euler_sample(transformer, noise, hidden[None].to(device), pooled[None].to(device),
-                                   cfg.guidance, cfg.steps, dtype=dtype, family=family)
+                                   cfg.guidance, cfg.steps, dtype=dtype, family=family, negative=negative,
+                                   cfg_scale=cfg.cfg_scale)
         out.append(latent.cpu())
     return torch.cat(out)
 

@@ -144,7 +144,10 @@ def build_cache(items: Sequence[DatasetItem], image_encoder: ImageEncoder | None
     by_text = {key: item.caption for key, item in zip(text_keys, items)}
     if empty_caption:
         by_text.setdefault(text_key(""), "")
-    latents = _plan(latent_dir, {k: _latent_shape_check(i) for k, i in by_latent.items()}, image_encoder)
+    # Pixels per latent cell: 8 for FLUX.1's VAE, 16 for FLUX.2's (an encoder says which; with none, either)
+    downscales = {getattr(image_encoder, "latent_downscale", 8)} if image_encoder is not None else {8, 16}
+    latents = _plan(latent_dir, {k: _latent_shape_check(i, downscales) for k, i in by_latent.items()},
+                    image_encoder)
     texts = _plan(text_dir, {k: _text_shape_check for k in by_text}, text_encoder)
     _require(image_encoder, latents, len(by_latent), latent_dir, "images have", "the VAE (CLI: model.vae)")
     _require(text_encoder, texts, len(by_text), text_dir, "captions have",
@@ -305,9 +308,9 @@ def _valid(path: Path, check: Callable[[dict[str, list[int]]], bool]) -> bool:
     return True
 
 
-def _latent_shape_check(item: DatasetItem):
-    expected = [item.height // 8, item.width // 8]
-    return lambda shapes: "latent" in shapes and len(shapes["latent"]) == 3 and shapes["latent"][1:] == expected
+def _latent_shape_check(item: DatasetItem, downscales=frozenset({8})):
+    expected = [[item.height // d, item.width // d] for d in downscales]
+    return lambda shapes: "latent" in shapes and len(shapes["latent"]) == 3 and shapes["latent"][1:] in expected
 
 
 def _text_shape_check(shapes: dict[str, list[int]]) -> bool:
