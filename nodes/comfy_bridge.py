@@ -207,7 +207,6 @@ class ComfyImageEncoder:
                 f"(16 channels, 8×: ae.safetensors), FLUX.2 its own (128 channels, 16×: flux2-vae.safetensors). "
                 f"Load the VAE of the model you train with Load VAE."
             )
-        self.latent_downscale = self.family.latent_downscale
         self.vae = vae
 
     @cached_property

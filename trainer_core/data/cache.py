@@ -145,7 +145,7 @@ def build_cache(items: Sequence[DatasetItem], image_encoder: ImageEncoder | None
     if empty_caption:
         by_text.setdefault(text_key(""), "")
     # Pixels per latent cell: 8 for FLUX.1's VAE, 16 for FLUX.2's (an encoder says which; with none, either)
-    downscales = {getattr(image_encoder, "latent_downscale", 8)} if image_encoder is not None else {8, 16}
+    downscales = {_image_family(image_encoder).latent_downscale} if image_encoder is not None else {8, 16}
     latents = _plan(latent_dir, {k: _latent_shape_check(i, downscales) for k, i in by_latent.items()},
                     image_encoder)
     texts = _plan(text_dir, {k: _text_shape_check for k in by_text}, text_encoder)
@@ -317,14 +317,23 @@ def _text_shape_check(shapes: dict[str, list[int]]) -> bool:
     return len(shapes.get("hidden", [])) == 2 and len(shapes.get("pooled", [])) == 1
 
 
+def _image_family(encoder):
+    """The model family an image encoder encodes for: its ``family`` attribute (FLUX.2 VAEs), else FLUX.1."""
+    from ..models.family import FLUX1
+
+    return getattr(encoder, "family", None) or FLUX1
+
+
 def _encode_image(encoder, item: DatasetItem) -> torch.Tensor:
     latents = encoder.encode(item.load_pixels()[None])
-    expected = [1, 16, item.height // 8, item.width // 8]
+    family = _image_family(encoder)
+    expected = [1, *family.latent_shape(item.height, item.width)]
     if not torch.is_tensor(latents) or list(latents.shape) != expected:
         got = list(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
         raise TrainerInputError(
             f"image encoder: returned {got} for the {item.width}×{item.height} image '{item.source}', expected "
-            f"{expected}. Use a FLUX.1 VAE (16 latent channels, 8× downsampling)."
+            f"{expected}. Use a {family.name} VAE ({family.latent_channels} latent channels, "
+            f"{family.latent_downscale}× downsampling)."
         )
     return _storable(latents[0], "image encoder", f"image '{item.source}'")
 
