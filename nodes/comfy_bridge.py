@@ -410,8 +410,8 @@ def diffusers_layout(weights: dict[str, torch.Tensor], key_map: dict[str, Any],
         raise TrainerInputError(
             f"model: this ComfyUI's FLUX key map (comfy.utils.flux_to_diffusers) names no diffusers weight for "
             f"{len(unmapped)} of the MODEL's weights, e.g. {', '.join(unmapped[:3])}: this ComfyUI release lays "
-            f"{family_name} out in a way the pack does not know yet. Use a ComfyUI release the pack lists as tested, or "
-            f"report the ComfyUI version to the pack.")
+            f"{family_name} out in a way the pack does not know yet. Use a ComfyUI release the pack lists as "
+            f"tested, or report the ComfyUI version to the pack.")
     return out
 
 

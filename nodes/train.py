@@ -82,8 +82,8 @@ class FluxLoraTrain:
                     "tooltip": "How noise levels are drawn: flux_shift follows FLUX's resolution-dependent "
                                "schedule; sigmoid/shift/uniform are the other common choices."}),
                 "guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.1,
-                                       "tooltip": "Guidance value fed to FLUX.1 dev while training (1.0 is the "
-                                                  "common choice; ignored by schnell)."}),
+                                       "tooltip": "Guidance value fed to FLUX.1 dev and FLUX.2 dev while training "
+                                                  "(1.0 is the common choice; ignored by schnell and klein)."}),
                 "seed": ("INT", {"default": 42, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
                                  "tooltip": "Seeds LoRA init, noise and data order. Keep it fixed to resume."}),
                 "checkpoint_every": ("INT", {"default": 250, "min": 0, "max": MAX_STEPS,
@@ -102,8 +102,9 @@ class FluxLoraTrain:
                 "memory": ("FLUX_LORA_MEMORY", {"tooltip": "Memory settings (precision, block swap, "
                                                            "checkpointing). Default: bf16 base, everything on the "
                                                            "GPU."}),
-                "clip": ("CLIP", {"tooltip": "FLUX.1's text encoders (DualCLIPLoader, type flux), needed only by "
-                                             "the options shuffle_tags and text_encoders, which encode captions "
+                "clip": ("CLIP", {"tooltip": "The text encoders FLUX LoRA Cache uses (FLUX.1: DualCLIPLoader, type "
+                                             "flux; FLUX.2: Load CLIP, type flux2), needed only by the options "
+                                             "shuffle_tags and text_encoders (FLUX.1 only), which encode captions "
                                              "during training."}),
                 "sample_every": ("INT", {"default": 0, "min": 0, "max": MAX_STEPS,
                                          "tooltip": "Draw a validation sample into the preview every N steps and at "

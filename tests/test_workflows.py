@@ -246,7 +246,8 @@ def test_flux2_workflow_wires_training_into_comfyuis_flux2_sampling(name, files)
     def source(node_id: str, input_name: str) -> dict:
         return api[api[node_id]["inputs"][input_name][0]]
 
-    (train,), (cache,), (sampler,) = by_type["FluxLoraTrain"], by_type["FluxLoraCache"], by_type["SamplerCustomAdvanced"]
+    (train,), (cache,) = by_type["FluxLoraTrain"], by_type["FluxLoraCache"]
+    (sampler,) = by_type["SamplerCustomAdvanced"]
     assert source(train, "model")["class_type"] == "UNETLoader"
     assert source(cache, "clip")["class_type"] == "CLIPLoader" and source(cache, "clip")["inputs"]["type"] == "flux2"
     assert source(cache, "vae")["inputs"]["vae_name"] == "flux2-vae.safetensors"

@@ -1,7 +1,8 @@
 """The FLUX.2 API workflows inside a real ComfyUI that knows FLUX.2 klein (0.9.2 or later): each one trains on its
-MODEL, saves a LoRA that ComfyUI's LoraLoaderModelOnly loads with no ``lora key not loaded``, and samples through
-ComfyUI's FLUX.2 nodes (EmptyFlux2LatentImage, Flux2Scheduler, CFGGuider / BasicGuider, SamplerCustomAdvanced) an
-image that differs from the base model's.
+MODEL, samples through ComfyUI's FLUX.2 nodes (EmptyFlux2LatentImage, Flux2Scheduler, CFGGuider / BasicGuider,
+SamplerCustomAdvanced) an image that differs from the base model's, and saves a LoRA (and its kohya and comfy
+exports) that ComfyUI's LoraLoader and LoraLoaderModelOnly load with no ``lora key not loaded``, each giving the
+Train node's image.
 
 Generated only for a ComfyUI whose source has FLUX.2 klein's text encoder (``klein_te``): nothing is collected for
 an older release (CI fails on a skip), and everything skips, as the rest of this folder does, without COMFYUI_DIR.
@@ -127,6 +128,9 @@ if _generate():  # a ComfyUI without FLUX.2 klein collects nothing here (CI coun
         assert guider["inputs"]["model"] == [train, 0]  # the trained MODEL straight into FLUX.2 sampling
         (save,) = [k for k in _ids(api, "SaveImage")]
         base_save = sampling_branch(api, sampler, 900, [unet, 0], f"{name}_base")
+        api["940"] = {"class_type": "FluxLoraOptions",
+                      "inputs": node_inputs(server, "FluxLoraOptions", export_kohya=True, export_comfy=True)}
+        api[train]["inputs"]["options"] = ["940", 0]
 
         before = server.log_text().count("lora key not loaded")
         started = time.monotonic()
@@ -150,14 +154,27 @@ if _generate():  # a ComfyUI without FLUX.2 klein collects nothing here (CI coun
         print(f"{workflow.stem}: LoRA vs base image mean |Δ| {difference.mean():.3f}, max {difference.max()}")
         assert trained.shape == base.shape and difference.max() > 0
 
-        # The saved file through ComfyUI's LoraLoaderModelOnly: every key loads, and the image is the Train node's.
+        # The saved files (default, kohya and comfy formats) through ComfyUI's LoRA loaders: every key loads, and
+        # each gives the Train node's image.
         (models_loras := server.base / "models" / "loras").mkdir(parents=True, exist_ok=True)
-        (models_loras / lora.name).write_bytes(lora.read_bytes())
+        files = {fmt: f"{name}{suffix}.safetensors" for fmt, suffix in
+                 (("default", ""), ("kohya", "_kohya"), ("comfy", "_comfy"))}
+        for file in files.values():
+            (models_loras / file).write_bytes((lora.parent / file).read_bytes())
+        clip = api[_ids(api, "FluxLoraCache")[0]]["inputs"]["clip"]
         api["950"] = {"class_type": "LoraLoaderModelOnly", "inputs": node_inputs(
-            server, "LoraLoaderModelOnly", model=[unet, 0], lora_name=lora.name, strength_model=1.0)}
-        loaded_save = sampling_branch(api, sampler, 960, ["950", 0], f"{name}_loader")
-        history = server.wait(server.queue(needed_by(api, [loaded_save])), timeout=1800)
+            server, "LoraLoaderModelOnly", model=[unet, 0], lora_name=files["default"], strength_model=1.0)}
+        saves = {"LoraLoaderModelOnly": sampling_branch(api, sampler, 960, ["950", 0], f"{name}_model_only")}
+        for i, (fmt, file) in enumerate(files.items()):
+            loader = str(1000 + 10 * i)
+            api[loader] = {"class_type": "LoraLoader", "inputs": node_inputs(
+                server, "LoraLoader", model=[unet, 0], clip=clip, lora_name=file, strength_model=1.0,
+                strength_clip=1.0)}
+            saves[f"LoraLoader {fmt}"] = sampling_branch(api, sampler, int(loader) + 1, [loader, 0],
+                                                         f"{name}_loader_{fmt}")
+        history = server.wait(server.queue(needed_by(api, list(saves.values()))), timeout=1800)
         assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
         log = server.log_text()
         assert log.count("lora key not loaded") == before == 0 and "NOT LOADED" not in log
-        assert np.array_equal(saved_image(server, history, loaded_save), trained)
+        for route, route_save in saves.items():
+            assert np.array_equal(saved_image(server, history, route_save), trained), route
