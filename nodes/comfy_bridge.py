@@ -259,6 +259,8 @@ class ComfyTextEncoder:
     def identity(self) -> str:
         model = self.clip.cond_stage_model
         extra = [type(model).__name__, type(self.clip.tokenizer).__name__, repr(getattr(self.clip, "layer_idx", None))]
+        if self.family.name != "FLUX.1":  # FLUX.2 entries are padded to 512 tokens: not the FLUX.1 entries of a CLIP
+            extra.append(self.family.name)
         return "comfy-clip:" + fingerprint(model.state_dict(), extra + _patches_summary(self.clip.patcher))
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

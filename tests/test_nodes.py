@@ -554,6 +554,8 @@ def test_flux2_vae_and_text_encoder_give_what_flux2_trains_on(pack):
     hidden, pooled = pack.bridge.ComfyTextEncoder(clip, encoder.family).encode(["a cat", "a dog"])
     assert hidden.shape == (2, 512, 8) and pooled.shape == (2, 0)
     assert hidden[0, :512 - 77].abs().sum() == 0 and torch.all(hidden[0, 512 - 77:] == len("a cat"))
+    # one CLIP's FLUX.2 entries (padded) are cached apart from its FLUX.1 entries
+    assert pack.bridge.ComfyTextEncoder(clip, encoder.family).identity != pack.bridge.ComfyTextEncoder(clip).identity
 
 
 def test_a_flux2_vae_that_encodes_to_another_size_is_refused(pack):
