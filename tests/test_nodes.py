@@ -558,6 +558,29 @@ def test_flux2_vae_and_text_encoder_give_what_flux2_trains_on(pack):
     assert pack.bridge.ComfyTextEncoder(clip, encoder.family).identity != pack.bridge.ComfyTextEncoder(clip).identity
 
 
+def test_the_cache_holds_flux2_latents_text_and_masks_at_flux2s_resolution(pack, tmp_path):
+    """Through ComfyUI's FLUX.2 VAE and text encoder the cache holds [128, H/16, W/16] latents, 512-token text
+    without a pooled vector, and loss masks over 16 px cells (one per FLUX.2 latent cell)."""
+    dataset = importlib.import_module(f"{PACK}.trainer_core.data.dataset")
+    cache_mod = importlib.import_module(f"{PACK}.trainer_core.data.cache")
+    images, masks = torch.rand(2, 64, 64, 3), torch.zeros(2, 64, 64)
+    masks[:, :, :32] = 1
+    items = dataset.dataset_from_images(images, ["a cat", "a dog"], pack.config.DatasetConfig(
+        resolutions=[64], masked_loss=True), masks=masks)
+    image_encoder = pack.bridge.ComfyImageEncoder(FakeFlux2VAE())
+    text_encoder = pack.bridge.ComfyTextEncoder(FakeCLIP(pooled=False), image_encoder.family)
+    cache = cache_mod.build_cache(items, image_encoder, text_encoder, tmp_path, empty_caption=True)
+    latent = cache.latent(0)
+    h, w = items[0].height // 16, items[0].width // 16
+    assert latent.shape == (128, h, w)
+    hidden, pooled = cache.text(0)
+    assert hidden.shape == (512, 8) and pooled.numel() == 0
+    mask = cache.mask(0)
+    assert mask.shape == (1, h, w) and mask[..., :2].min() > 0.99 and mask[..., 2:].max() < 0.01
+    again = cache_mod.build_cache(items, image_encoder, text_encoder, tmp_path, empty_caption=True)
+    assert again.encoded == 0  # FLUX.2 entries are found again
+
+
 def test_a_flux2_vae_that_encodes_to_another_size_is_refused(pack):
     class Eight(FakeFlux2VAE):  # 128 channels, but /8
         def encode(self, pixels):

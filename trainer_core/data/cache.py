@@ -134,7 +134,9 @@ def build_cache(items: Sequence[DatasetItem], image_encoder: ImageEncoder | None
     latent_dir, text_dir = root / "latents", root / "text"
     latent_dir.mkdir(exist_ok=True)
     text_dir.mkdir(exist_ok=True)
-    mask_files = _cache_masks(items, root / "masks")
+    # one mask cell per latent cell: 8 px for FLUX.1, 16 px for FLUX.2 (an encoder says which)
+    mask_files = _cache_masks(items, root / "masks",
+                              _image_family(image_encoder).latent_downscale if image_encoder is not None else 8)
 
     latent_keys = [latent_key(item) for item in items]
     text_keys = [text_key(item.caption) for item in items]
@@ -204,23 +206,25 @@ def build_prompt_cache(prompts: Sequence[str], text_encoder: TextEncoder | None,
     return out
 
 
-def mask_key(item: DatasetItem) -> str:
+def mask_key(item: DatasetItem, cell: int = 8) -> str:
+    # FLUX.1's 8 px cells keep the keys they always had
+    cells = [] if cell == 8 else [cell]
     return _digest("mask", PREPROCESS_VERSION, item.mask_hash, item.width, item.height, list(item.crop),
-                   item.flip)[:32]
+                   item.flip, *cells)[:32]
 
 
-def _cache_masks(items: Sequence[DatasetItem], folder: Path) -> list[Path | None]:
-    """Each item's mask averaged over 8×8 pixel cells (one latent cell each); no encoder needed."""
+def _cache_masks(items: Sequence[DatasetItem], folder: Path, cell: int = 8) -> list[Path | None]:
+    """Each item's mask averaged over ``cell``×``cell`` pixel cells (one latent cell each); no encoder needed."""
     out: list[Path | None] = []
     for item in items:
         if item.mask is None:
             out.append(None)
             continue
         folder.mkdir(exist_ok=True)
-        path = folder / f"{mask_key(item)}{_SUFFIX}"
-        expected = [1, item.height // 8, item.width // 8]
+        path = folder / f"{mask_key(item, cell)}{_SUFFIX}"
+        expected = [1, item.height // cell, item.width // cell]
         if not (path.is_file() and _valid(path, lambda shapes: shapes.get("mask") == expected)):
-            weights = torch.nn.functional.avg_pool2d(item.load_mask()[None], 8)[0]
+            weights = torch.nn.functional.avg_pool2d(item.load_mask()[None], cell)[0]
             save_safetensors({"mask": weights.contiguous()}, path, {"format": "flux-lora-trainer-mask/1",
                                                                     "source": Path(str(item.mask)).name})
         out.append(path)
