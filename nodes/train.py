@@ -136,7 +136,7 @@ class FluxLoraTrain:
         name = safe_output_name(output_name)
         _, output_dir = bridge.comfy_folders()
         loras_dir = output_dir / "loras"
-        validation = self._validation(cache, sample_every, family, variant)
+        validation = self._validation(cache, sample_every, variant, family)
 
         make_bar, send_text, check_interrupt = bridge.comfy_progress(unique_id)
         send_text("loading the model for training…")
@@ -176,9 +176,11 @@ class FluxLoraTrain:
         return (model_out, lora, {"loss": list(result.losses)}, lora_name, clip_out)
 
     @staticmethod
-    def _validation(cache, sample_every: int, family, variant: str):
+    def _validation(cache, sample_every: int, variant: str, family=None):
+        from ..trainer_core.models.family import FLUX1
         from ..trainer_core.train import ValidationPrompts
 
+        family = family or FLUX1
         if not sample_every:
             return None
         embeddings = list(cache.prompts) or [cache.cache.text(0)]

@@ -645,9 +645,9 @@ def test_validation_samples_use_real_cfg_for_klein_and_guidance_for_dev(pack):
     prompt, empty = (torch.randn(7, 48), torch.zeros(0)), (torch.randn(7, 48), torch.zeros(0))
     cache = SimpleNamespace(prompts=[prompt], prompt_texts=["zxq"], cache=SimpleNamespace(
         sizes=[(32, 32)], text=lambda i: prompt, empty_text=lambda: empty))
-    klein = pack.train.FluxLoraTrain._validation(cache, 5, family.FLUX2, "klein")
+    klein = pack.train.FluxLoraTrain._validation(cache, 5, "klein", family.FLUX2)
     assert klein.config.cfg_scale > 1 and klein.negative is empty and klein.config.guidance == 1.0
-    dev = pack.train.FluxLoraTrain._validation(cache, 5, family.FLUX2, "dev")
+    dev = pack.train.FluxLoraTrain._validation(cache, 5, "dev", family.FLUX2)
     assert dev.config.cfg_scale == 1.0 and dev.negative is None and dev.config.guidance > 1
 
     model = flux2.build_tiny_flux2_transformer("klein", seed=1)
