@@ -84,7 +84,7 @@ class ValidationPrompts:
 
     embeddings: Sequence[tuple[torch.Tensor, torch.Tensor]]
     config: SampleConfig = field(default_factory=SampleConfig)
-    negative: tuple[torch.Tensor, torch.Tensor] | None = None
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden, pooled): real-CFG families only
 
 
 @torch.no_grad()
