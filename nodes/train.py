@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import traceback
 
 import torch
 
-from ..trainer_core.config import OPTIMIZERS, TIMESTEP_SAMPLERS, LoraConfig, SampleConfig, TrainConfig
+from ..trainer_core.config import OPTIMIZERS, TIMESTEP_SAMPLERS, LoraConfig, MemoryConfig, SampleConfig, TrainConfig
 from ..trainer_core.errors import TrainerInputError
 from . import comfy_bridge as bridge
 from .options import apply_options
@@ -14,6 +16,7 @@ from .options import apply_options
 CATEGORY = "FLUX LoRA"
 MAX_STEPS = 1_000_000
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+log = logging.getLogger(__name__)
 
 
 def configs(rank, alpha, learning_rate, steps, optimizer, timestep_sampling, guidance, seed, checkpoint_every,
@@ -112,6 +115,7 @@ class FluxLoraTrain:
 
         from ..trainer_core.fileio import safe_output_name
         from ..trainer_core.lora import read_lora_file
+        from ..trainer_core.memory.precision import STORAGE_DTYPES
         from ..trainer_core.models.flux import load_flux_transformer
         from ..trainer_core.train import train_lora
 
@@ -132,8 +136,13 @@ class FluxLoraTrain:
         bridge.free_vram()
         dtype = DTYPES[dtype_name]
         text_encoder = _training_text_encoder(clip, lora_cfg, train_cfg, dtype)
+        memory = base_memory(memory, bridge.flux_weight_precision(model))
+        precision = memory.base_precision if memory is not None else "auto"
+        storage = STORAGE_DTYPES.get(precision)
         # device=None: the trainer's base weights are the MODEL's own tensors where ComfyUI keeps them, not copies
-        transformer = load_flux_transformer(bridge.flux_state_dict(model, dtype), dtype=dtype, device=None)
+        # (also those already in the base's storage dtype, e.g. the fp8 weights of an fp8 MODEL)
+        transformer = load_flux_transformer(bridge.flux_state_dict(model, dtype, storage), dtype=dtype, device=None,
+                                            base_precision=precision if storage is not None else None)
         decoder = bridge.ComfyImageEncoder(cache.vae).decode if validation and cache.vae is not None else None
         progress = bridge.NodeProgress(make_bar(train_cfg.steps), send_text, check_interrupt, decoder)
         try:
@@ -191,6 +200,20 @@ def _training_text_encoder(clip, lora_cfg: LoraConfig, train_cfg: TrainConfig, d
     if lora_cfg.text_encoders == "none":
         return bridge.ComfyTextEncoder(clip)
     return bridge.flux_text_encoder(clip, dtype, with_t5=lora_cfg.text_encoders != "clip_l" or train_cfg.shuffle_tags)
+
+
+def base_memory(memory: MemoryConfig | None, weight_precision: str | None) -> MemoryConfig | None:
+    """The memory settings to train with: a MODEL ComfyUI holds in fp8 trains on an fp8 base (its own tensors,
+    cast on use) where the settings leave base_precision to "auto" — upcasting would copy the whole base into a
+    larger dtype for the same values. A base_precision the user chose is kept."""
+    if weight_precision is None:
+        return memory
+    memory = memory or MemoryConfig()
+    if memory.preset == "none" and memory.base_precision == "auto":
+        log.info("the MODEL's weights are %s: training on an %s base (its own tensors)", weight_precision,
+                 weight_precision)
+        return dataclasses.replace(memory, base_precision=weight_precision)
+    return memory
 
 
 def _check_cache(cache) -> None:
