@@ -440,6 +440,24 @@ def _shared_weights(patcher, prefix: str, dtype: torch.dtype, storage: torch.dty
     return out
 
 
+def log_base_sharing(transformer: torch.nn.Module, model) -> tuple[int, int]:
+    """Log how much of the trained transformer's frozen base is the MODEL's own memory (after training, when every
+    cast and conversion has happened); returns (block linear weights shared, block linear weights)."""
+    from ..trainer_core.memory.precision import transformer_blocks
+
+    held = _storages(model, "diffusion_model.")
+    frozen = [p for p in transformer.parameters() if not p.requires_grad]
+    shared = [p for p in frozen if p.untyped_storage().data_ptr() in held]
+    linears = [m.weight for block in transformer_blocks(transformer) for m in block.modules()
+               if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    linears_shared = sum(w.untyped_storage().data_ptr() in held for w in linears)
+    log.info("the trained base shared %.2f of %.2f GiB with the MODEL (block linear weights: %d of %d shared, "
+             "%s)", sum(p.numel() * p.element_size() for p in shared) / 2**30,
+             sum(p.numel() * p.element_size() for p in frozen) / 2**30, linears_shared, len(linears),
+             ", ".join(sorted({str(w.dtype).removeprefix("torch.") for w in linears})))
+    return linears_shared, len(linears)
+
+
 COMFY_CLIP_L, COMFY_T5 = "clip_l.transformer.", "t5xxl.transformer."  # key prefixes in a FLUX CLIP
 T5_TOKENS = 256  # ComfyUI's FLUX T5 tokenizer pads to 256 tokens: train on the length inference will use
 

@@ -162,6 +162,8 @@ class FluxLoraTrain:
             # ComfyUI keeps the error for its report; its traceback must not keep the trainer's model alive.
             traceback.clear_frames(exc.__traceback__)
             raise
+        else:
+            bridge.log_base_sharing(transformer, model)
         finally:
             del transformer, text_encoder
             bridge.release()

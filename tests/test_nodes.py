@@ -547,6 +547,8 @@ def test_an_fp8_model_trains_on_its_own_fp8_weights(pack, comfy_key_map, sample_
     assert result.steps == 2 and all(math.isfinite(loss) for loss in result.losses)
     base = transformer.transformer_blocks[0].attn.to_k.base_layer.weight
     assert base.dtype == fp8 and _storage(base) == _storage(qkv)  # still ComfyUI's tensor while training
+    shared, linears = pack.bridge.log_base_sharing(transformer, model)
+    assert shared == linears > 0  # every frozen block linear is ComfyUI's fp8 tensor
     after = model.sd
     assert all(torch.equal(after[k].view(torch.uint8), before[k]) for k in before)
 
