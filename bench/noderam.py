@@ -11,7 +11,10 @@ high-water mark and the polled maximum. Goal: peak ≤ 1.1 × RSS after loading 
 Rows: the MODEL as UNETLoader loads it by default (fp32 on CPU: training shares every weight); the same MODEL with
 a LoRA on every block weight applied by LoraLoaderModelOnly — the copying path, as every run copied the base before
 the node trained on ComfyUI's tensors (the merged weights are new tensors, in the training dtype); and the MODEL
-loaded with weight_dtype fp8_e4m3fn (training keeps its base in fp8 on ComfyUI's own fp8 tensors).
+loaded with weight_dtype fp8_e4m3fn (training keeps its base in fp8 on ComfyUI's own fp8 tensors); and that fp8
+MODEL with the trainer's own block swap (FLUX LoRA Memory, blocks_to_swap 3): the swap packs each swapped block's
+frozen weights into one host buffer (page-locked on a GPU) laid out like its device slot, a second host copy of those
+blocks beside ComfyUI's.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Row:
     name: str
     weight_dtype: str
     lora: bool
+    swap: int = 0  # blocks_to_swap on a FLUX LoRA Memory node (preset none, checkpointing on)
     after_load: int = 0
     peak: int = 0
     copied: str = ""
@@ -62,7 +66,8 @@ class Row:
 
 ROWS = [Row("shared: UNETLoader default (fp32 on CPU)", "default", False),
         Row("copy baseline: + LoraLoaderModelOnly, LoRA on every block weight", "default", True),
-        Row("fp8: UNETLoader weight_dtype fp8_e4m3fn", "fp8_e4m3fn", False)]
+        Row("fp8: UNETLoader weight_dtype fp8_e4m3fn", "fp8_e4m3fn", False),
+        Row("fp8 + the trainer's block swap (3 of 5 blocks)", "fp8_e4m3fn", False, swap=3)]
 
 
 def _integration(name: str):
@@ -90,6 +95,12 @@ def prompts(fx, row: Row) -> tuple[dict, dict]:
         api["900"] = {"class_type": "LoraLoaderModelOnly",
                       "inputs": {"model": [unet, 0], "lora_name": LORA_FILE, "strength_model": 1.0}}
         api[train]["inputs"]["model"] = ["900", 0]
+    if row.swap:
+        api["901"] = {"class_type": "FluxLoraMemory", "inputs": {
+            "preset": "none", "base_precision": "from preset", "blocks_to_swap": row.swap,
+            "gradient_checkpointing": "on", "offload_activations": "from preset", "compile_blocks": "from preset",
+            "vram_budget_gb": 0.0, "resolution": 64}}
+        api[train]["inputs"]["memory"] = ["901", 0]
     sampler = min(k for k, v in api.items() if v["class_type"] == "KSampler")
     api[sampler]["inputs"].update(model=[unet, 0], steps=1)
     decode = next(k for k, v in api.items() if v["class_type"] == "VAEDecode" and v["inputs"]["samples"][0] == sampler)

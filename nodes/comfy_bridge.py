@@ -307,7 +307,9 @@ def flux_state_dict(model, dtype: torch.dtype, storage: torch.dtype | None = Non
         raise TrainerInputError("model: the MODEL has no diffusion model weights; connect Load Diffusion Model.")
     import comfy.utils
 
-    return diffusers_layout(weights, comfy.utils.flux_to_diffusers(model.model.model_config.unet_config))
+    key_map = comfy.utils.flux_to_diffusers(model.model.model_config.unet_config)
+    with torch.inference_mode(False):  # the tensors the key map converts (the final modulation) are new: normal ones
+        return diffusers_layout(weights, key_map)
 
 
 # Scales and settings ComfyUI's quantized layers keep beside a weight; _plain has already applied them.

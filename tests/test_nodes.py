@@ -533,8 +533,9 @@ def test_an_fp8_model_trains_on_its_own_fp8_weights(pack, comfy_key_map, sample_
     chosen = pack.config.MemoryConfig(base_precision="bf16")
     assert pack.train.base_memory(chosen, "fp8") is chosen and pack.train.base_memory(None, None) is None
 
-    transformer = flux.load_flux_transformer(pack.bridge.flux_state_dict(model, torch.float32, fp8),
-                                             dtype=torch.float32, device=None, base_precision="fp8")
+    with torch.inference_mode():  # as a node runs
+        transformer = flux.load_flux_transformer(pack.bridge.flux_state_dict(model, torch.float32, fp8),
+                                                 dtype=torch.float32, device=None, base_precision="fp8")
     held = model.sd
     before = {k: v.view(torch.uint8).clone() for k, v in held.items()}
     qkv = held["diffusion_model.double_blocks.0.img_attn.qkv.weight"]
