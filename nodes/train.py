@@ -53,11 +53,14 @@ class FluxLoraTrain:
                 "model": ("MODEL", {"tooltip": "FLUX.1 dev or schnell from Load Diffusion Model (UNETLoader); LoRAs "
                                                "already applied to it are merged into the base. Training shares "
                                                "the MODEL's weights in RAM rather than copying them (the MODEL "
-                                               "is left unchanged); copied are only the small final modulation layer "
-                                               "(reordered for diffusers), weights a LoRA on the MODEL "
-                                               "patches, quantized weights, and weights whose dtype differs from "
-                                               "the training dtype (fp8 weight_dtype, or bf16 weights on a CPU "
-                                               "that trains in fp32)."}),
+                                               "is left unchanged); an fp8_e4m3fn MODEL trains on an fp8 base, its "
+                                               "own fp8 weights. Copied are only: weights a LoRA on the MODEL "
+                                               "patches (new merged values), quantized weights, weights in another "
+                                               "dtype than training stores them in (fp8_e5m2, bf16 weights on a CPU "
+                                               "that trains in fp32, a base_precision other than the MODEL's), "
+                                               "blocks the trainer swaps (packed into one host buffer each), and "
+                                               "small parts (the final modulation, an fp8 MODEL's norms, biases "
+                                               "and embedders)."}),
                 "cache": ("FLUX_LORA_CACHE", {"tooltip": "From FLUX LoRA Cache."}),
                 "rank": ("INT", {"default": 16, "min": 1, "max": 256,
                                  "tooltip": "LoRA rank: capacity and file size. 8–32 suits a subject or style."}),
