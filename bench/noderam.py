@@ -5,7 +5,7 @@ bf16; 768-wide text inputs so a CLIP-L stands in for T5, tests/integration/fixtu
 fresh headless ComfyUI (tests/integration/comfy_server.py): one prompt loads the MODEL, CLIP and VAE and samples
 the base once (as a user does before training), then the RSS of ComfyUI's process (children included) is read and
 its peak reset (``/proc/<pid>/clear_refs``), and a second prompt runs FLUX LoRA Cache → FLUX LoRA Train
-(3 steps, rank 16) on the cached MODEL while the RSS is also polled every 20 ms. Peak = the larger of the kernel's
+(2 steps, rank 16) on the cached MODEL while the RSS is also polled every 20 ms. Peak = the larger of the kernel's
 high-water mark and the polled maximum. Goal: peak ≤ 1.1 × RSS after loading + 1.5 GiB.
 
 Rows: the MODEL as UNETLoader loads it by default (fp32 on CPU: training shares every weight); the same MODEL with
