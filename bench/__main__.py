@@ -8,6 +8,10 @@ if sys.argv[1:2] == ["ram"]:
     from .ram import main
 
     raise SystemExit(main(sys.argv[2:]))
+if sys.argv[1:2] == ["noderam"]:
+    from .noderam import main
+
+    raise SystemExit(main(sys.argv[2:]))
 from .run import main
 
 raise SystemExit(main())

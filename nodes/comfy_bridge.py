@@ -333,19 +333,34 @@ def flux_variant(model) -> str:
     return "dev" if guidance else ("klein" if family is FLUX2 else "schnell")
 
 
-def flux_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def flux_weight_precision(model) -> str | None:
+    """"fp8" when ComfyUI holds the FLUX MODEL's block weights in float8_e4m3fn (Load Diffusion Model's
+    weight_dtype fp8_e4m3fn or fp8_e4m3fn_fast): the trainer's own fp8 base storage, so it can train on them as they
+    are. None for anything else (bf16/fp16/fp32 follow the training dtype; fp8_e5m2 and quantized types are
+    converted)."""
+    from ..trainer_core.memory.precision import FP8
+
+    blocks = [t for key, t in model.model_state_dict("diffusion_model.").items()
+              if key.startswith(("diffusion_model.double_blocks.", "diffusion_model.single_blocks."))
+              and key.endswith(".weight") and t.ndim == 2]
+    return "fp8" if blocks and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == FP8
+                                   for t in blocks) else None
+
+
+def flux_state_dict(model, dtype: torch.dtype, storage: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The MODEL's FLUX.1 or FLUX.2 transformer weights in diffusers key names, LoRAs already applied to it merged in.
 
     ComfyUI's module names are its own and change between releases (0.33.0 made the q/k norms' ``scale`` a
     ``weight``), so they are renamed with ComfyUI's own diffusers key map, ``comfy.utils.flux_to_diffusers``: the
     table that release loads diffusers FLUX files and diffusers LoRAs with, kept in step with its modules.
     The tensors are ComfyUI's own, not copies (see :func:`_shared_weights`): the trainer's base weights share
-    their memory with the MODEL, fused q/k/v and linear1 split into views by the key map.
+    their memory with the MODEL, fused q/k/v and linear1 split into views by the key map. Weights in ``storage``
+    (the base precision training stores its frozen weights in, e.g. fp8) stay in it rather than going to ``dtype``.
     """
     from ..trainer_core.models.family import FLUX2
 
     family = model_family(model)
-    weights = _shared_weights(model, "diffusion_model.", dtype)
+    weights = _shared_weights(model, "diffusion_model.", dtype, storage)
     if not weights:
         raise TrainerInputError("model: the MODEL has no diffusion model weights; connect Load Diffusion Model.")
     import comfy.utils
@@ -354,7 +369,8 @@ def flux_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     key_map = comfy.utils.flux_to_diffusers(unet_config)
     if family is FLUX2:
         key_map = flux2_key_map(key_map, unet_config)
-    return diffusers_layout(weights, key_map, family.name)
+    with torch.inference_mode(False):  # the tensors the key map converts (the final modulation) are new: normal ones
+        return diffusers_layout(weights, key_map, family.name)
 
 
 def flux2_key_map(comfy_map: dict[str, Any], unet_config: dict) -> dict[str, Any]:
@@ -429,9 +445,14 @@ def _patched_weights(patcher, prefix: str, dtype: torch.dtype, device) -> dict[s
                 for key, value in _merged_weights(patcher, prefix, dtype).items()}
 
 
-def _merged_weights(patcher, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _merged_weights(patcher, prefix: str, dtype: torch.dtype, keep: torch.dtype | None = None
+                    ) -> dict[str, torch.Tensor]:
     """A ModelPatcher's weights under ``prefix`` (prefix removed) in ``dtype``, LoRAs applied to it merged in (new
-    tensors); an unpatched weight already in ``dtype`` is the module's own tensor."""
+    tensors); an unpatched weight already in ``dtype`` (or in ``keep``) is the module's own tensor."""
+
+    def cast(value: torch.Tensor) -> torch.Tensor:
+        return value if value.dtype == keep else value.to(dtype)
+
     patches = getattr(patcher, "patches", None) or {}
     out: dict[str, torch.Tensor] = {}
     with torch.inference_mode(False), torch.no_grad():
@@ -444,11 +465,11 @@ def _merged_weights(patcher, prefix: str, dtype: torch.dtype) -> dict[str, torch
                     value = _plain(weight).to(torch.float32, copy=True)
                     value = comfy.lora.calculate_weight(key_patches, convert(value, inplace=True), key).to(dtype)
                 else:
-                    value = _plain(weight).to(dtype)
+                    value = cast(_plain(weight))
                 out[key[len(prefix):]] = value
         else:
             for key, weight in patcher.model_state_dict(prefix).items():
-                out[key[len(prefix):]] = _plain(weight).to(dtype)
+                out[key[len(prefix):]] = cast(_plain(weight))
     return out
 
 
@@ -478,19 +499,22 @@ def _rehome(module: torch.nn.Module) -> None:
                     del tensor, value
 
 
-def _shared_weights(patcher, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _shared_weights(patcher, prefix: str, dtype: torch.dtype, storage: torch.dtype | None = None
+                    ) -> dict[str, torch.Tensor]:
     """A ModelPatcher's weights under ``prefix`` (prefix removed) in ``dtype``, as ComfyUI's own tensors wherever
     they can be: its module is re-homed out of inference mode first (:func:`_rehome`), and a tensor already in
-    ``dtype`` is returned as it is, on the device ComfyUI keeps it on.
+    ``dtype`` or in ``storage`` (the base precision's storage dtype, e.g. fp8) is returned as it is, on the device
+    ComfyUI keeps it on.
 
     Copies remain only where the trainer needs other values than the module holds: a weight a LoRA applied to the
-    MODEL patches (the merged weight is new), a quantized ComfyUI tensor type (dequantised), and a weight in another
-    dtype than ``dtype`` (e.g. fp8 from Load Diffusion Model's weight_dtype, or bf16 weights when training computes
-    in fp32) — the same cases the Train node's tooltip names. (:func:`diffusers_layout` then makes one more small
-    copy: the final layer's modulation, whose scale/shift halves diffusers stores the other way round.)
+    MODEL patches (the merged weight is new), a quantized ComfyUI tensor type (dequantised), and a weight in neither
+    ``dtype`` nor ``storage`` (e.g. fp8_e5m2 from Load Diffusion Model's weight_dtype, fp8 when the memory settings
+    ask for a bf16 base, or bf16 weights when training computes in fp32) — the same cases the Train node's tooltip
+    names. (:func:`diffusers_layout` then makes one more small copy: the final layer's modulation, whose scale/shift
+    halves diffusers stores the other way round.)
     """
     _rehome(patcher.model.get_submodule(prefix.rstrip(".")))
-    out = _merged_weights(patcher, prefix, dtype)
+    out = _merged_weights(patcher, prefix, dtype, storage)
     with torch.inference_mode(False), torch.no_grad():
         for key, value in out.items():  # one the module does not hold (a patch backup) may still be one
             if value.is_inference():
@@ -499,8 +523,27 @@ def _shared_weights(patcher, prefix: str, dtype: torch.dtype) -> dict[str, torch
     copied = [t for t in out.values() if t.untyped_storage().data_ptr() not in held]
     log.info("training on the MODEL's own weights: %d of %d tensors shared, %d copied (%.2f GiB; LoRA-patched, "
              "quantized or not in %s)", len(out) - len(copied), len(out), len(copied),
-             sum(t.numel() * t.element_size() for t in copied) / 2**30, dtype)
+             sum(t.numel() * t.element_size() for t in copied) / 2**30,
+             dtype if storage in (None, dtype) else f"{dtype} or {storage}")
     return out
+
+
+def log_base_sharing(transformer: torch.nn.Module, model) -> tuple[int, int]:
+    """Log how much of the trained transformer's frozen base is the MODEL's own memory (after training, when every
+    cast and conversion has happened); returns (block linear weights shared, block linear weights)."""
+    from ..trainer_core.memory.precision import transformer_blocks
+
+    held = _storages(model, "diffusion_model.")
+    frozen = [p for p in transformer.parameters() if not p.requires_grad]
+    shared = [p for p in frozen if p.untyped_storage().data_ptr() in held]
+    linears = [m.weight for block in transformer_blocks(transformer) for m in block.modules()
+               if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    linears_shared = sum(w.untyped_storage().data_ptr() in held for w in linears)
+    log.info("the trained base shared %.2f of %.2f GiB with the MODEL (block linear weights: %d of %d shared, "
+             "%s)", sum(p.numel() * p.element_size() for p in shared) / 2**30,
+             sum(p.numel() * p.element_size() for p in frozen) / 2**30, linears_shared, len(linears),
+             ", ".join(sorted({str(w.dtype).removeprefix("torch.") for w in linears})))
+    return linears_shared, len(linears)
 
 
 COMFY_CLIP_L, COMFY_T5 = "clip_l.transformer.", "t5xxl.transformer."  # key prefixes in a FLUX CLIP

@@ -3,11 +3,13 @@ file name."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import traceback
 
 import torch
 
-from ..trainer_core.config import OPTIMIZERS, TIMESTEP_SAMPLERS, LoraConfig, SampleConfig, TrainConfig
+from ..trainer_core.config import OPTIMIZERS, TIMESTEP_SAMPLERS, LoraConfig, MemoryConfig, SampleConfig, TrainConfig
 from ..trainer_core.errors import TrainerInputError
 from . import comfy_bridge as bridge
 from .options import apply_options
@@ -19,6 +21,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # and sampled with real CFG against the empty prompt (the scale diffusers' Flux2KleinPipeline defaults to).
 DEV_GUIDANCE = {"FLUX.1": 3.5, "FLUX.2": 4.0}
 KLEIN_CFG_SCALE = 4.0
+log = logging.getLogger(__name__)
 
 
 def configs(rank, alpha, learning_rate, steps, optimizer, timestep_sampling, guidance, seed, checkpoint_every,
@@ -57,11 +60,14 @@ class FluxLoraTrain:
                                                "Diffusion Model (UNETLoader); LoRAs "
                                                "already applied to it are merged into the base. Training shares "
                                                "the MODEL's weights in RAM rather than copying them (the MODEL "
-                                               "is left unchanged); copied are only the small final modulation layer "
-                                               "(reordered for diffusers), weights a LoRA on the MODEL "
-                                               "patches, quantized weights, and weights whose dtype differs from "
-                                               "the training dtype (fp8 weight_dtype, or bf16 weights on a CPU "
-                                               "that trains in fp32)."}),
+                                               "is left unchanged); an fp8_e4m3fn MODEL trains on an fp8 base, its "
+                                               "own fp8 weights. Copied are only: weights a LoRA on the MODEL "
+                                               "patches (new merged values), quantized weights, weights in another "
+                                               "dtype than training stores them in (fp8_e5m2, bf16 weights on a CPU "
+                                               "that trains in fp32, a base_precision other than the MODEL's), "
+                                               "blocks the trainer swaps (packed into one host buffer each), and "
+                                               "small parts (the final modulation, an fp8 MODEL's norms, biases "
+                                               "and embedders)."}),
                 "cache": ("FLUX_LORA_CACHE", {"tooltip": "From FLUX LoRA Cache."}),
                 "rank": ("INT", {"default": 16, "min": 1, "max": 256,
                                  "tooltip": "LoRA rank: capacity and file size. 8–32 suits a subject or style."}),
@@ -120,6 +126,7 @@ class FluxLoraTrain:
 
         from ..trainer_core.fileio import safe_output_name
         from ..trainer_core.lora import read_lora_file
+        from ..trainer_core.memory.precision import STORAGE_DTYPES
         from ..trainer_core.train import train_lora
 
         _check_cache(cache)
@@ -143,8 +150,13 @@ class FluxLoraTrain:
         bridge.free_vram()
         dtype = DTYPES[dtype_name]
         text_encoder = _training_text_encoder(clip, lora_cfg, train_cfg, dtype, family)
+        memory = base_memory(memory, bridge.flux_weight_precision(model))
+        precision = memory.base_precision if memory is not None else "auto"
+        storage = STORAGE_DTYPES.get(precision)
         # device=None: the trainer's base weights are the MODEL's own tensors where ComfyUI keeps them, not copies
-        transformer = family.load_transformer(bridge.flux_state_dict(model, dtype), dtype=dtype, device=None)
+        # (also those already in the base's storage dtype, e.g. the fp8 weights of an fp8 MODEL)
+        transformer = family.load_transformer(bridge.flux_state_dict(model, dtype, storage), dtype=dtype,
+                                              device=None, base_precision=precision if storage is not None else None)
         decoder = bridge.ComfyImageEncoder(cache.vae).decode if validation and cache.vae is not None else None
         progress = bridge.NodeProgress(make_bar(train_cfg.steps), send_text, check_interrupt, decoder)
         try:
@@ -164,6 +176,8 @@ class FluxLoraTrain:
             # ComfyUI keeps the error for its report; its traceback must not keep the trainer's model alive.
             traceback.clear_frames(exc.__traceback__)
             raise
+        else:
+            bridge.log_base_sharing(transformer, model)
         finally:
             del transformer, text_encoder
             bridge.release()
@@ -211,6 +225,20 @@ def _training_text_encoder(clip, lora_cfg: LoraConfig, train_cfg: TrainConfig, d
                                 f"{family.name} has another text encoder, which the pack does not train yet. Set "
                                 f"text_encoders to 'none' on FLUX LoRA Options.")
     return bridge.flux_text_encoder(clip, dtype, with_t5=lora_cfg.text_encoders != "clip_l" or train_cfg.shuffle_tags)
+
+
+def base_memory(memory: MemoryConfig | None, weight_precision: str | None) -> MemoryConfig | None:
+    """The memory settings to train with: a MODEL ComfyUI holds in fp8 trains on an fp8 base (its own tensors,
+    cast on use) where the settings leave base_precision to "auto" — upcasting would copy the whole base into a
+    larger dtype for the same values. A base_precision the user chose is kept."""
+    if weight_precision is None:
+        return memory
+    memory = memory or MemoryConfig()
+    if memory.preset == "none" and memory.base_precision == "auto":
+        log.info("the MODEL's weights are %s: training on an %s base (its own tensors)", weight_precision,
+                 weight_precision)
+        return dataclasses.replace(memory, base_precision=weight_precision)
+    return memory
 
 
 def _check_cache(cache) -> None:

@@ -128,7 +128,8 @@ def test_train_node_hands_the_memory_config_to_the_trainer(pack, monkeypatch):
                                                                                               Path("out")),
                         "comfy_progress": lambda node_id: (lambda total: None, lambda text: None, lambda: None),
                         "free_vram": lambda: None, "release": lambda: None,
-                        "flux_state_dict": lambda model, dtype: {}}.items():
+                        "flux_weight_precision": lambda model: None,
+                        "flux_state_dict": lambda model, dtype, storage=None: {}}.items():
         monkeypatch.setattr(bridge, name, value)
     monkeypatch.setattr(importlib.import_module(f"{PACK}.trainer_core.models.flux"), "load_flux_transformer",
                         lambda *args, **kwargs: object())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import math
 import re
 import subprocess
 import sys
@@ -446,12 +447,12 @@ def _storage(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
-def _train_two_steps(pack, transformer, sample_cache, tmp_path, name):
+def _train_two_steps(pack, transformer, sample_cache, tmp_path, name, mem_cfg=None):
     train = importlib.import_module(f"{PACK}.trainer_core.train")
     lora_cfg, train_cfg = pack.train.configs(4, 4.0, 1e-2, 2, "adamw", "sigmoid", 1.0, 0, 0, "fp32")
     return train.train_lora(transformer, sample_cache, lora_cfg=lora_cfg, train_cfg=train_cfg,
                             output_dir=tmp_path / "loras", output_name=name,
-                            checkpoint_root=tmp_path / "checkpoints", device="cpu")
+                            checkpoint_root=tmp_path / "checkpoints", device="cpu", mem_cfg=mem_cfg)
 
 
 def test_training_shares_the_models_weights_and_leaves_them_unchanged(pack, comfy_key_map, sample_cache, tmp_path):
@@ -516,6 +517,41 @@ def test_a_model_with_a_lora_applied_trains_on_the_merged_weights(pack, comfy_ke
     _train_two_steps(pack, transformer, sample_cache, tmp_path, "patched")
     assert torch.equal(model.sd[patched], original)
     assert torch.equal(transformer.transformer_blocks[0].attn.to_k.base_layer.weight, merged[width:2 * width])
+
+
+def test_an_fp8_model_trains_on_its_own_fp8_weights(pack, comfy_key_map, sample_cache, tmp_path):
+    """Load Diffusion Model with weight_dtype fp8_e4m3fn: ComfyUI holds every weight in fp8. The trainer keeps its
+    base in fp8 (cast on use, as its own fp8 path does) on those very tensors — no copy in the compute dtype — and
+    they are bit-identical after training."""
+    flux = importlib.import_module(f"{PACK}.trainer_core.models.flux")
+    fp8 = torch.float8_e4m3fn
+    model = FakeModelPatcher({k: v.to(fp8) for k, v in comfy_key_map.items()})
+    assert pack.bridge.flux_weight_precision(model) == "fp8"
+    assert pack.bridge.flux_weight_precision(FakeModelPatcher(comfy_key_map)) is None
+    mem = pack.train.base_memory(None, "fp8")
+    assert mem.base_precision == "fp8"
+    chosen = pack.config.MemoryConfig(base_precision="bf16")
+    assert pack.train.base_memory(chosen, "fp8") is chosen and pack.train.base_memory(None, None) is None
+
+    with torch.inference_mode():  # as a node runs
+        transformer = flux.load_flux_transformer(pack.bridge.flux_state_dict(model, torch.float32, fp8),
+                                                 dtype=torch.float32, device=None, base_precision="fp8")
+    held = model.sd
+    before = {k: v.view(torch.uint8).clone() for k, v in held.items()}
+    qkv = held["diffusion_model.double_blocks.0.img_attn.qkv.weight"]
+    to_k = transformer.transformer_blocks[0].attn.to_k.weight
+    assert to_k.dtype == fp8 and _storage(to_k) == _storage(qkv)
+    proj_mlp = transformer.single_transformer_blocks[0].proj_mlp.weight
+    assert _storage(proj_mlp) == _storage(held["diffusion_model.single_blocks.0.linear1.weight"])
+
+    result = _train_two_steps(pack, transformer, sample_cache, tmp_path, "fp8", mem_cfg=mem)
+    assert result.steps == 2 and all(math.isfinite(loss) for loss in result.losses)
+    base = transformer.transformer_blocks[0].attn.to_k.base_layer.weight
+    assert base.dtype == fp8 and _storage(base) == _storage(qkv)  # still ComfyUI's tensor while training
+    shared, linears = pack.bridge.log_base_sharing(transformer, model)
+    assert shared == linears > 0  # every frozen block linear is ComfyUI's fp8 tensor
+    after = model.sd
+    assert all(torch.equal(after[k].view(torch.uint8), before[k]) for k in before)
 
 
 def test_a_model_weight_comfyuis_key_map_does_not_name_is_reported(pack, comfy_key_map):

@@ -42,6 +42,7 @@ class Server:
     url: str  # http://127.0.0.1:<port>
     base: Path  # ComfyUI's --base-directory: models/, input/, output/, custom_nodes/
     log: Path  # ComfyUI's stdout + stderr
+    pid: int  # ComfyUI's process (bench/noderam.py samples its memory)
 
     def request(self, path: str, body: dict | None = None):
         data = json.dumps(body).encode() if body is not None else None
@@ -107,7 +108,7 @@ def start_comfyui(base: Path, comfyui_dir: str | Path = "", python: str | Path =
     started = time.monotonic()
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=comfyui_dir, stdout=out, stderr=subprocess.STDOUT, env=env)
-    server = Server(f"http://127.0.0.1:{port}", base, log)
+    server = Server(f"http://127.0.0.1:{port}", base, log, process.pid)
     try:
         while True:
             if process.poll() is not None:

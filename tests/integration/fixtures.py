@@ -79,33 +79,50 @@ class _Init:
         self.sd[name] = torch.zeros(n, dtype=self.dtype)
 
 
-def flux_state_dict(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """A FLUX.1-dev transformer in BFL key names: width 3072, 1 double + 1 single block, 768-wide text inputs."""
+def flux_state_dict(seed: int = 0, dtype: torch.dtype = torch.bfloat16, double_blocks: int = 1,
+                    single_blocks: int = 1) -> dict[str, torch.Tensor]:
+    """A FLUX.1-dev transformer in BFL key names: width 3072, 1 double + 1 single block (or as many as given),
+    768-wide text inputs."""
     w = _Init(seed, dtype)
     w.linear("img_in", WIDTH, IN_CHANNELS)
     w.linear("txt_in", WIDTH, CONTEXT)
     for emb, in_f in (("time_in", 256), ("vector_in", CONTEXT), ("guidance_in", 256)):
         w.linear(f"{emb}.in_layer", WIDTH, in_f)
         w.linear(f"{emb}.out_layer", WIDTH, WIDTH)
-    block = "double_blocks.0"
-    for stream in ("img", "txt"):
-        # Small modulation gain: residual gates near zero keep the random network's outputs moderate.
-        w.linear(f"{block}.{stream}_mod.lin", 6 * WIDTH, WIDTH, gain=0.2)
-        w.linear(f"{block}.{stream}_attn.qkv", 3 * WIDTH, WIDTH)
-        w.ones(f"{block}.{stream}_attn.norm.query_norm.scale", HEAD_DIM)
-        w.ones(f"{block}.{stream}_attn.norm.key_norm.scale", HEAD_DIM)
-        w.linear(f"{block}.{stream}_attn.proj", WIDTH, WIDTH)
-        w.linear(f"{block}.{stream}_mlp.0", MLP, WIDTH)
-        w.linear(f"{block}.{stream}_mlp.2", WIDTH, MLP)
-    block = "single_blocks.0"
-    w.linear(f"{block}.modulation.lin", 3 * WIDTH, WIDTH, gain=0.2)
-    w.linear(f"{block}.linear1", 3 * WIDTH + MLP, WIDTH)
-    w.linear(f"{block}.linear2", WIDTH, WIDTH + MLP)
-    w.ones(f"{block}.norm.query_norm.scale", HEAD_DIM)
-    w.ones(f"{block}.norm.key_norm.scale", HEAD_DIM)
+    for index in range(double_blocks):
+        block = f"double_blocks.{index}"
+        for stream in ("img", "txt"):
+            # Small modulation gain: residual gates near zero keep the random network's outputs moderate.
+            w.linear(f"{block}.{stream}_mod.lin", 6 * WIDTH, WIDTH, gain=0.2)
+            w.linear(f"{block}.{stream}_attn.qkv", 3 * WIDTH, WIDTH)
+            w.ones(f"{block}.{stream}_attn.norm.query_norm.scale", HEAD_DIM)
+            w.ones(f"{block}.{stream}_attn.norm.key_norm.scale", HEAD_DIM)
+            w.linear(f"{block}.{stream}_attn.proj", WIDTH, WIDTH)
+            w.linear(f"{block}.{stream}_mlp.0", MLP, WIDTH)
+            w.linear(f"{block}.{stream}_mlp.2", WIDTH, MLP)
+    for index in range(single_blocks):
+        block = f"single_blocks.{index}"
+        w.linear(f"{block}.modulation.lin", 3 * WIDTH, WIDTH, gain=0.2)
+        w.linear(f"{block}.linear1", 3 * WIDTH + MLP, WIDTH)
+        w.linear(f"{block}.linear2", WIDTH, WIDTH + MLP)
+        w.ones(f"{block}.norm.query_norm.scale", HEAD_DIM)
+        w.ones(f"{block}.norm.key_norm.scale", HEAD_DIM)
     w.linear("final_layer.adaLN_modulation.1", 2 * WIDTH, WIDTH, gain=0.2)
     w.linear("final_layer.linear", IN_CHANNELS, WIDTH)
     return w.sd
+
+
+def write_block_lora(path: Path, flux_sd: dict[str, torch.Tensor], rank: int = 4) -> None:
+    """A small random LoRA (kohya-style down/up under ComfyUI's ``diffusion_model.`` names) on every 2-D weight of
+    every block of ``flux_sd`` (BFL names), so a MODEL it is applied to has nearly every weight patched."""
+    gen = torch.Generator().manual_seed(3)
+    lora = {}
+    for key, tensor in flux_sd.items():
+        if key.startswith(("double_blocks.", "single_blocks.")) and key.endswith(".weight") and tensor.ndim == 2:
+            name = "diffusion_model." + key[:-len(".weight")]
+            lora[f"{name}.lora_down.weight"] = (torch.randn((rank, tensor.shape[1]), generator=gen) * 0.01).bfloat16()
+            lora[f"{name}.lora_up.weight"] = (torch.randn((tensor.shape[0], rank), generator=gen) * 0.01).bfloat16()
+    save_file(lora, str(path))
 
 
 def clip_l_state_dict(seed: int = 1, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
@@ -198,15 +215,17 @@ def write_dataset(folder: Path, size: int = IMAGE_SIZE) -> list[Path]:
     return paths
 
 
-def build_fixtures(base: Path) -> Fixtures:
-    """Write the model files and the dataset under ``base`` laid out as a ComfyUI --base-directory."""
+def build_fixtures(base: Path, double_blocks: int = 1, single_blocks: int = 1) -> Fixtures:
+    """Write the model files and the dataset under ``base`` laid out as a ComfyUI --base-directory (the FLUX.1 file
+    with as many blocks as given)."""
     base = Path(base)
     models = base / "models"
     for sub in ("diffusion_models", "text_encoders", "vae", "loras"):
         (models / sub).mkdir(parents=True, exist_ok=True)
     for sub in ("input", "output", "custom_nodes", "user", "temp"):
         (base / sub).mkdir(parents=True, exist_ok=True)
-    save_file(flux_state_dict(), str(models / "diffusion_models" / FLUX_FILE))
+    save_file(flux_state_dict(double_blocks=double_blocks, single_blocks=single_blocks),
+              str(models / "diffusion_models" / FLUX_FILE))
     save_file(clip_l_state_dict(), str(models / "text_encoders" / CLIP_FILE))
     save_file(taesd_state_dict(), str(models / "vae" / VAE_FILE))
     write_dataset(base / "input" / DATASET)

@@ -246,11 +246,7 @@ def test_training_workflow_runs_and_its_lora_reaches_ksampler(server, fx):
         return saved_image(server, history, node_id)
 
     base_after = sample_branch(api, 930, [unet, 0], "base_after")
-    sampler = api["930"]["inputs"]
-    assert sampler["denoise"] == 1.0
-    api["930"] = {"class_type": "KSamplerAdvanced", "inputs": {
-        **{k: v for k, v in sampler.items() if k not in ("seed", "denoise")}, "noise_seed": sampler["seed"],
-        "add_noise": "enable", "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+    _resample(api, "930")
     after = server.wait(server.queue(needed_by(api, [base_after])))
     assert after["status"]["status_str"] == "success", json.dumps(after["status"])[:3000]
     assert np.array_equal(saved_image(server, after, base_after), base_before)
@@ -273,6 +269,71 @@ def test_training_workflow_runs_and_its_lora_reaches_ksampler(server, fx):
     cache_lines = [line for line in server.log_text().splitlines() if "files reused" in line]
     # every file of the first run is reused: 4 latents, 4 captions and the empty caption
     assert len(cache_lines) == 2 and "9 files reused, 0 encoded" in cache_lines[-1], cache_lines
+
+
+def _resample(api: dict, sampler: str) -> None:
+    """Make KSampler ``sampler`` a KSamplerAdvanced that does exactly what it does, so ComfyUI samples again on the
+    same, cached, MODEL object instead of reusing an earlier KSampler's output."""
+    inputs = api[sampler]["inputs"]
+    assert inputs["denoise"] == 1.0
+    api[sampler] = {"class_type": "KSamplerAdvanced", "inputs": {
+        **{k: v for k, v in inputs.items() if k not in ("seed", "denoise")}, "noise_seed": inputs["seed"],
+        "add_noise": "enable", "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+
+
+def test_an_fp8_model_trains_on_its_own_fp8_weights_and_samples_as_before(server, fx):
+    """Load Diffusion Model with weight_dtype fp8_e4m3fn: training keeps its base in fp8 on the very tensors
+    ComfyUI holds (no copy in the training dtype), and the base MODEL samples bit-identically before and after."""
+    api = adapt(json.loads(WORKFLOW.read_text()), fx, steps=2, output_name="fp8_lora")
+    unet = _node_id(api, "UNETLoader")
+    api[unet]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    base_save = sample_branch(api, 1100, [unet, 0], "fp8_base")
+    history = server.wait(server.queue(needed_by(api, [base_save])))
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
+    base_before = saved_image(server, history, base_save)
+
+    history = server.wait(server.queue(training_only(api)))
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
+    assert _lora_steps(server.base / "output" / "loras" / "fp8_lora.safetensors") == 2
+    log = server.log_text()
+    assert "training on an fp8 base" in log
+    bridge = re.findall(r"(\d+) of (\d+) tensors shared, (\d+) copied", log)[-1]
+    assert bridge[0] == bridge[1] and bridge[2] == "0", bridge  # every fp8 weight handed over as ComfyUI's own
+    shared, linears, dtypes = re.findall(r"block linear weights: (\d+) of (\d+) shared, ([\w, ]+)\)", log)[-1]
+    print(f"fp8 MODEL: block linear weights {shared} of {linears} shared ({dtypes})")
+    # 1 double block (2 streams × qkv split in three, proj, mlp ×2, mod) + 1 single (q, k, v, proj_mlp, proj_out, mod)
+    assert shared == linears == "20" and dtypes == "float8_e4m3fn"
+
+    after_save = sample_branch(api, 1110, [unet, 0], "fp8_base_after")
+    _resample(api, "1110")
+    after = server.wait(server.queue(needed_by(api, [after_save])))
+    assert after["status"]["status_str"] == "success", json.dumps(after["status"])[:3000]
+    assert np.array_equal(saved_image(server, after, after_save), base_before)
+
+
+def test_comfyuis_partial_loading_works_on_the_shared_weights(fx, tmp_path):
+    """ComfyUI's own offloading (ModelPatcher's lowvram partial load, partial unload/reload, LoRAs as patched weights
+    and as LowVramPatch functions) on a MODEL the trainer has taken over, driven in-process by ComfyUI's Python
+    (offload_check.py; a CPU server always loads fully): the outputs equal the fully loaded MODEL's before the
+    hand-over, and the LoRA gives the same output both ways."""
+    lora = tmp_path / "every_block.safetensors"
+    fixtures = importlib.import_module("fixtures")
+    fixtures.write_block_lora(lora, fixtures.flux_state_dict())
+    result = subprocess.run(
+        [COMFYUI_PYTHON, str(Path(__file__).parent / "offload_check.py"), COMFYUI_DIR, str(ROOT),
+         str(fx.base / "models" / "diffusion_models" / fx.flux), str(lora)],
+        cwd=COMFYUI_DIR, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=1800,
+        check=False)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"partial loading on the shared weights: {report}")
+    assert report["shared"] >= report["parameters"] - 2 and report["backward_ok"]  # all but norm_out's swapped halves
+    assert report["partial_layers"] > 0 and report["lora_partial_layers"] > 0  # the lowvram path really ran
+    for key in ("partial_vs_full", "reloaded_vs_full", "full_again_vs_full", "base_after_lora_vs_full"):
+        assert report[key] == 0.0, (key, report)
+    assert report["lora_vs_base"] > 0  # the LoRA acts
+    # patched weights (fp32 merge, stored in the weight dtype) vs the same patch computed at each use
+    assert report["lora_partial_vs_lora_full"] <= 1e-3 * max(report["lora_vs_base"], 1.0), report
 
 
 def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(server, fx):

@@ -147,7 +147,8 @@ def store_block(block: nn.Module, precision: str, compute_dtype: torch.dtype) ->
     if storage is None or storage == compute_dtype:
         return
     for _, _, linear in _block_linears(block, [block]):
-        linear.weight.data = _to_storage(linear.weight.data, storage)
+        if linear.weight.dtype != storage:  # already stored so (e.g. a ComfyUI fp8 MODEL's own tensor): kept as is
+            linear.weight.data = _to_storage(linear.weight.data, storage)
 
 
 def lora_compute_in_input_dtype(transformer: nn.Module, lora_dtype: torch.dtype, compute_dtype: torch.dtype) -> int:

@@ -356,16 +356,18 @@ def _infer(src: TensorReader) -> tuple[list[_Entry], dict]:
 
 
 def _convert(src: TensorReader, entries: list[_Entry], dtype: torch.dtype | None, device,
-             copy: bool = False) -> dict[str, torch.Tensor]:
+             copy: bool = False, keep: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """``copy``: always into new memory (tensors read from a file are views of its mapping otherwise, and one kept
-    tensor would keep the whole mapping, pages read included, in the process's resident set)."""
+    tensor would keep the whole mapping, pages read included, in the process's resident set). Tensors in ``keep``
+    (the base's storage dtype) are not cast to ``dtype``."""
     out = {}
     for e in entries:
         tensor = src.get(e.source_key, e.rows)
         if e.swap_halves:
             shift, scale = tensor.chunk(2, dim=0)
             tensor = torch.cat([scale, shift], dim=0)
-        out[e.diffusers_key] = tensor.to(device=device, dtype=dtype or tensor.dtype, copy=copy)
+        target = tensor.dtype if dtype is None or tensor.dtype == keep else dtype
+        out[e.diffusers_key] = tensor.to(device=device, dtype=target, copy=copy)
     return out
 
 
@@ -550,12 +552,18 @@ def load_flux_transformer(source: Source, dtype: torch.dtype = torch.bfloat16, d
     A state dict's tensors already in ``dtype`` on ``device`` (``device=None``: wherever each one is) become the
     parameters as they are, without a copy: the model shares memory with the caller's tensors (views included),
     which must then not change while it trains — the ComfyUI node trains on the MODEL's own weights this way.
+    So do its tensors already in the storage dtype of ``base_precision`` (bf16, fp32, fp8: e.g. the fp8 weights of
+    a MODEL loaded with weight_dtype fp8_e4m3fn): the block linears among them stay in that storage and are cast
+    on use; the rest are cast to ``dtype`` when training starts (``apply_base_precision``).
     """
     if isinstance(source, Mapping):
+        from ..memory.precision import STORAGE_DTYPES
+
+        keep = STORAGE_DTYPES.get(base_precision or "")
         src = TensorReader.from_dict(source)
         entries, config = _infer(src)
-        return _stream(_empty_model(config), entries, lambda group: _convert(src, group, dtype, device), src.name,
-                       dtype, base_precision)
+        return _stream(_empty_model(config), entries, lambda group: _convert(src, group, dtype, device, keep=keep),
+                       src.name, dtype, base_precision)
     path = Path(source).expanduser()
     if path.is_dir():
         return _load_folder(path, dtype, device)
