@@ -81,10 +81,12 @@ class TrainResult:
 
 @dataclass
 class ValidationPrompts:
-    """Encoded validation prompts (hidden [L, D], pooled [P] each) and how to sample them."""
+    """Encoded validation prompts (hidden [L, D], pooled [P] each) and how to sample them. ``controls``: for an edit
+    model, each prompt's control latents ([C, h, w] each, model space) that the sample is conditioned on."""
 
     embeddings: Sequence[tuple[torch.Tensor, torch.Tensor]]
     config: SampleConfig = field(default_factory=SampleConfig)
+    controls: Sequence[Sequence[torch.Tensor]] = ()
 
 
 @torch.no_grad()
@@ -95,12 +97,20 @@ def sample_validation(transformer, prompts: ValidationPrompts, device, dtype=tor
     family = family or detect_family(transformer)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = []
-    for hidden, pooled in prompts.embeddings:
+    for i, (hidden, pooled) in enumerate(prompts.embeddings):
         noise = torch.randn((1, *family.latent_shape(cfg.height, cfg.width)), generator=gen).to(device)
+        references = [c[None].float() for c in prompts.controls[i]] if prompts.controls else ()
         latent = flow.euler_sample(transformer, noise, hidden[None].to(device), pooled[None].to(device),
-                                   cfg.guidance, cfg.steps, dtype=dtype, family=family)
+                                   cfg.guidance, cfg.steps, dtype=dtype, family=family, references=references)
         out.append(latent.cpu())
     return torch.cat(out)
+
+
+def reference_tokens(cache: LatentCache) -> int:
+    """Tokens the control images of a paired dataset add to the sequence at its largest bucket (a control takes
+    its target's bucket; both families make one token per 16×16 pixels); 0 for a plain dataset."""
+    width, height = max(cache.sizes, key=lambda wh: wh[0] * wh[1])
+    return cache.control_count * (width // 16) * (height // 16)
 
 
 def default_device() -> torch.device:
@@ -135,8 +145,9 @@ class TrainingSession:
         self.device = torch.device(device) if device is not None else default_device()
         # The preset becomes concrete knobs here, and a plan that will not fit the VRAM is refused before any
         # weight moves; the preset may also set the batch size and optimizer.
-        workload = memory.Workload.for_training(dict(transformer.config), cache.sizes, cache.text(0)[0].shape[0],
-                                                lora_cfg, train_cfg)
+        # Reference (control) tokens lengthen the sequence as text tokens do: the estimator counts them there.
+        workload = memory.Workload.for_training(dict(transformer.config), cache.sizes,
+                                                cache.text(0)[0].shape[0] + reference_tokens(cache), lora_cfg, train_cfg)
         self.mem_cfg, self.vram_estimate = memory.plan_memory(self.mem_cfg, workload, device=self.device)
         log.info("memory plan (%s): %s", self.mem_cfg.preset, self.vram_estimate.summary())
         self.train_cfg = train_cfg = memory.effective_train_config(train_cfg, self.mem_cfg).validate()
@@ -181,7 +192,9 @@ class TrainingSession:
         if self.cache.has_masks:  # items without a mask train on every latent cell
             masks = [self.cache.mask(i) for i in mine]
             weight = torch.stack([m if m is not None else torch.ones(1, *x0.shape[-2:]) for m in masks]).float()
-        return len(indices), x0, hidden, pooled, weight
+        controls = [self.cache.controls(i) for i in mine]
+        references = [torch.stack([c[k] for c in controls]) for k in range(self.cache.control_count)]
+        return len(indices), x0, hidden, pooled, weight, references
 
     def step(self) -> float:
         """One optimizer step over ``gradient_accumulation`` micro-batches; returns the mean loss.
@@ -220,7 +233,7 @@ class TrainingSession:
         accum = cfg.gradient_accumulation
         total = 0.0
         for j in range(accum):
-            size, x0, hidden, pooled, weight = self._batch(self.step_count * accum + j)
+            size, x0, hidden, pooled, weight, references = self._batch(self.step_count * accum + j)
             # Every process draws the noise and σ of the whole global batch and keeps its shard: the numbers one
             # process with the global batch draws, and the generators stay in step.
             noise = torch.randn((size, *x0.shape[1:]), generator=self.generator)[self.shard]
@@ -234,7 +247,7 @@ class TrainingSession:
                 self.transformer, x0.to(self.dtype), noise.to(self.dtype), sigma, hidden.to(self.device),
                 pooled.to(self.device), cfg.guidance, loss_type=cfg.loss_type,
                 weight=weight.to(self.device) if weight is not None else None, dtype=self.dtype, huber_c=cfg.huber_c,
-                family=self.family,
+                family=self.family, references=[r.to(self.device, self.dtype) for r in references],
             )
             (loss / accum).backward()
             total += loss.item() / accum
