@@ -166,15 +166,17 @@ class FluxLoraTrain:
 
     @staticmethod
     def _validation(cache, sample_every: int, variant: str):
-        from ..trainer_core.train import ValidationPrompts
+        from ..trainer_core.train import ValidationPrompts, validation_controls
 
         if not sample_every:
             return None
         embeddings = list(cache.prompts) or [cache.cache.text(0)]
         width, height = cache.cache.sizes[0]
+        edit = cache.cache.control_count > 0  # an edit LoRA samples with a training control, at Kontext's guidance
         config = SampleConfig(prompts=list(cache.prompt_texts), every=sample_every, width=width, height=height,
-                              guidance=3.5 if variant == "dev" else 1.0).validate()
-        return ValidationPrompts(embeddings, config)
+                              guidance=(2.5 if edit else 3.5) if variant == "dev" else 1.0).validate()
+        controls = validation_controls(cache.cache, list(cache.prompt_texts) or [cache.cache.captions[0]])
+        return ValidationPrompts(embeddings, config, controls)
 
 
 def _training_text_encoder(clip, lora_cfg: LoraConfig, train_cfg: TrainConfig, dtype: torch.dtype):

@@ -3,6 +3,7 @@ latents in the cache, the objective against diffusers' Kontext recipe and FLUX.2
 that learns its pair."""
 
 import copy
+import re
 import shutil
 from pathlib import Path
 
@@ -271,7 +272,7 @@ def test_edit_lora_learns_its_pair_and_samples_toward_the_target_with_the_contro
             samples.append(latents)
 
     train_lora(model, cache, lora_cfg=LoraConfig(rank=16, alpha=16),
-               train_cfg=TrainConfig(steps=300, learning_rate=3e-3, compute_dtype="fp32", checkpoint_every=0,
+               train_cfg=TrainConfig(steps=100, learning_rate=5e-3, compute_dtype="fp32", checkpoint_every=0,
                                      timestep_sampling="shift", seed=7, caption_dropout=0.1),
                output_dir=tmp_path / "out", output_name="edit", device="cpu", validation=prompts,
                callbacks=Collect())
@@ -282,4 +283,62 @@ def test_edit_lora_learns_its_pair_and_samples_toward_the_target_with_the_contro
     without = sample_validation(model, prompts, "cpu")
     err_lora = ((with_lora - target) ** 2).mean().item()
     err_base = ((without - target) ** 2).mean().item()
+    print(f"edit LoRA vs base MSE to the target: {err_lora:.4f} vs {err_base:.4f}")
     assert err_lora * 2 < err_base, (err_lora, err_base)
+
+
+def test_edit_masked_caption_dropout_run_resumes_bit_for_bit(tmp_path, stop_at):
+    """A paired run with a target mask and caption dropout, stopped after step 3 and resumed, ends with the losses
+    and LoRA of an uninterrupted run."""
+    target_dir, control_dir = _pair_folders(tmp_path)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save(target_dir / "a_mask.png")
+    items = scan_dataset(_cfg(target_dir, control_dir, masked_loss=True))
+    assert items[0].mask is not None and items[0].controls
+    cache = build_cache(items, build_tiny_vae(seed=0), build_tiny_text_encoder(seed=0), tmp_path / "cache",
+                        empty_caption=True)
+    cfg = TrainConfig(steps=6, learning_rate=1e-3, compute_dtype="fp32", checkpoint_every=0,
+                      timestep_sampling="sigmoid", seed=7, caption_dropout=0.5, batch_size=2)
+
+    def run(out, **kwargs):
+        return train_lora(build_tiny_transformer(seed=0), cache, lora_cfg=LoraConfig(rank=4, alpha=4), train_cfg=cfg,
+                          output_dir=out, output_name="edit", device="cpu", **kwargs)
+
+    whole = run(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "split", callbacks=stop_at(3))
+    resumed = run(tmp_path / "split", resume=True)
+    assert resumed.resumed_from == 3 and resumed.losses == whole.losses
+    a, meta = lora.read_lora_file(whole.lora_path)
+    b, _ = lora.read_lora_file(resumed.lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert meta["reference_images"] == "1"
+
+
+def test_edit_cli_trains_paired_from_the_control_folder_setting(tmp_path, tiny_model_files, capsys):
+    from trainer_core.cli import main
+
+    target_dir, control_dir = _pair_folders(tmp_path)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(tiny_model_files.model_section() + f"""[dataset]
+folder = "{target_dir.as_posix()}"
+control_folder = "{control_dir.as_posix()}"
+resolutions = [64]
+[train]
+compute_dtype = "fp32"
+checkpoint_every = 0
+[sample]
+width = 64
+height = 64
+steps = 2
+[output]
+folder = "{(tmp_path / 'out').as_posix()}"
+""")
+    assert main(["train", "--config", str(cfg), "--steps", "2", "--name", "edit", "--device", "cpu"]) == 0
+    _, meta = lora.read_lora_file(tmp_path / "out" / "edit.safetensors")
+    assert meta["reference_images"] == "1" and meta["steps"] == "2"
+    assert len(list((tmp_path / "out" / "cache" / "latents").iterdir())) == 4  # 2 targets + 2 controls
+    (control_dir / "b.png").unlink()  # a broken pair is reported in one line
+    assert main(["train", "--config", str(cfg), "--steps", "2", "--name", "edit2", "--device", "cpu"]) == 2
+    assert re.search(r"error: dataset: target image '.*b\.png' has no control image", capsys.readouterr().err)

@@ -115,7 +115,8 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
     from .data.dataset import scan_dataset
     from .fileio import ensure_writable_dir
     from .metrics import plot_loss
-    from .train import Callbacks, ValidationPrompts, sample_validation, train_lora
+    from .train import Callbacks, ValidationPrompts, reference_tokens, sample_validation, train_lora, \
+        validation_controls
 
     run.validate()
     distributed.on_main(ensure_writable_dir, out, "output.folder")
@@ -129,7 +130,7 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
         return cache, prompts, build_prompt_cache(prompts, text_encoder, cache_dir)
 
     cache, prompts, prompt_embeddings = distributed.on_main(cache_dataset)
-    validation = ValidationPrompts(prompt_embeddings, run.sample)
+    validation = ValidationPrompts(prompt_embeddings, run.sample, validation_controls(cache, prompts))
     # Everything is cached now: the encoders can go before the transformer arrives, unless training needs them
     # live (a text-encoder LoRA, or captions whose tags are shuffled each step).
     if not needs_live_text(run):
@@ -143,7 +144,8 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
         from . import memory
 
         live_text = text_encoder is not None
-        workload = memory.Workload.for_training(model_config, cache.sizes, cache.text(0)[0].shape[0], run.lora,
+        workload = memory.Workload.for_training(model_config, cache.sizes,
+                                                cache.text(0)[0].shape[0] + reference_tokens(cache), run.lora,
                                                 run.train)
         mem_cfg, vram = memory.plan_memory(run.memory, workload, device=device)
         live_bytes = sum(p.numel() * p.element_size() for m in (text_encoder.clip_model, text_encoder.t5_model)

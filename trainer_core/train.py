@@ -113,6 +113,17 @@ def reference_tokens(cache: LatentCache) -> int:
     return cache.control_count * (width // 16) * (height // 16)
 
 
+def validation_controls(cache: LatentCache, prompts: Sequence[str]) -> list[list[torch.Tensor]]:
+    """For a paired dataset, each validation prompt's control latents: those of the first item captioned with the
+    prompt, else the first item's (an instruction tried on a training control); empty for a plain dataset."""
+    if not cache.control_count:
+        return []
+    by_caption: dict[str, int] = {}
+    for index, caption in enumerate(cache.captions):
+        by_caption.setdefault(caption, index)
+    return [cache.controls(by_caption.get(prompt, 0)) for prompt in prompts]
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -494,6 +505,8 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog | N
         "dataset_hash": session.cache.fingerprint,
         "training_settings": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
     }
+    if session.cache.control_count:  # an edit LoRA: sample it with this many reference images
+        meta["reference_images"] = str(session.cache.control_count)
 
     def save_outputs() -> tuple[Path, list[Path], Path]:
         # The checkpoint first: if the LoRA cannot be written (a full disk, which no check beforehand can know),
