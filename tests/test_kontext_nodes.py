@@ -72,3 +72,36 @@ def test_edit_train_node_validates_with_a_training_control_at_kontext_guidance(p
     validation = pack.train.FluxLoraTrain._validation(data, 5, "dev")
     assert validation.config.guidance == 2.5
     assert len(validation.controls) == 1 and torch.equal(validation.controls[0][0], cache.controls(0)[0])
+
+
+def test_kontext_workflow_trains_pairs_and_validates_through_reference_latent(pack):
+    """The shipped Kontext graph: the Dataset node has a control folder; the trained MODEL samples with the edit
+    instruction + a held-out control (LoadImage → FluxKontextImageScale → VAEEncode → ReferenceLatent), FluxGuidance
+    2.5, cfg 1, starting from the control's latent size."""
+    import json
+
+    api = json.loads((Path(__file__).resolve().parents[1] / "workflows" / "api" / "flux_kontext_lora_train.json")
+                     .read_text(encoding="utf-8"))
+    by_type: dict[str, list[str]] = {}
+    for node_id, node in api.items():
+        by_type.setdefault(node["class_type"], []).append(node_id)
+
+    def source(node_id: str, name: str) -> tuple[str, dict]:
+        upstream = api[node_id]["inputs"][name][0]
+        return api[upstream]["class_type"], api[upstream]
+
+    (dataset,), (train,), (sampler,) = by_type["FluxLoraDataset"], by_type["FluxLoraTrain"], by_type["KSampler"]
+    assert api[dataset]["inputs"]["control_folder"] not in ("", pack.dataset.NO_CONTROLS)
+    assert source(train, "model")[0] == "UNETLoader" and "kontext" in source(train, "model")[1]["inputs"]["unet_name"]
+    assert api[sampler]["inputs"]["model"] == [train, 0] and api[sampler]["inputs"]["cfg"] == 1.0
+    kind, guidance = source(sampler, "positive")
+    assert kind == "FluxGuidance" and guidance["inputs"]["guidance"] == 2.5
+    reference = api[guidance["inputs"]["conditioning"][0]]
+    assert reference["class_type"] == "ReferenceLatent"
+    assert api[reference["inputs"]["conditioning"][0]]["class_type"] == "CLIPTextEncode"
+    encode = reference["inputs"]["latent"][0]
+    assert api[encode]["class_type"] == "VAEEncode" and api[sampler]["inputs"]["latent_image"] == [encode, 0]
+    scale = api[api[encode]["inputs"]["pixels"][0]]
+    assert scale["class_type"] == "FluxKontextImageScale"
+    assert api[scale["inputs"]["image"][0]]["class_type"] == "LoadImage"
+
