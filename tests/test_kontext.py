@@ -342,3 +342,21 @@ folder = "{(tmp_path / 'out').as_posix()}"
     (control_dir / "b.png").unlink()  # a broken pair is reported in one line
     assert main(["train", "--config", str(cfg), "--steps", "2", "--name", "edit2", "--device", "cpu"]) == 2
     assert re.search(r"error: dataset: target image '.*b\.png' has no control image", capsys.readouterr().err)
+
+
+def test_edit_memory_plan_counts_the_reference_tokens(tmp_path):
+    """The VRAM estimate (and the block-swap plan made from it) sees the sequence the paired step runs: target,
+    text and one control's tokens."""
+    from trainer_core.train import TrainingSession
+
+    target_dir, control_dir = _pair_folders(tmp_path)
+    vae, text = build_tiny_vae(seed=0), build_tiny_text_encoder(seed=0)
+    paired = build_cache(scan_dataset(_cfg(target_dir, control_dir)), vae, text, tmp_path / "cache")
+    plain = build_cache(scan_dataset(DatasetConfig(folder=str(target_dir), resolutions=[64])), vae, text,
+                        tmp_path / "cache")
+    sessions = [TrainingSession(build_tiny_transformer(seed=0), cache, LoraConfig(rank=4, alpha=4),
+                                TrainConfig(steps=1, compute_dtype="fp32"), device="cpu") for cache in (plain, paired)]
+    text_tokens = plain.text(0)[0].shape[0]
+    assert sessions[0].vram_estimate.tokens == 16 + text_tokens  # 64 px: 4 × 4 image tokens
+    assert sessions[1].vram_estimate.tokens == 16 + text_tokens + 16
+    assert sessions[1].vram_estimate.total > sessions[0].vram_estimate.total
