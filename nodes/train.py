@@ -175,7 +175,8 @@ class FluxLoraTrain:
         edit = cache.cache.control_count > 0  # an edit LoRA samples with a training control, at Kontext's guidance
         config = SampleConfig(prompts=list(cache.prompt_texts), every=sample_every, width=width, height=height,
                               guidance=(2.5 if edit else 3.5) if variant == "dev" else 1.0).validate()
-        controls = validation_controls(cache.cache, list(cache.prompt_texts) or [cache.cache.captions[0]])
+        controls = (validation_controls(cache.cache, list(cache.prompt_texts) or [cache.cache.captions[0]])
+                    if edit else [])
         return ValidationPrompts(embeddings, config, controls)
 
 

@@ -55,7 +55,8 @@ def test_edit_pairs_scan_one_or_several_controls_per_target_in_order(tmp_path):
             _image(control_dir / f"{stem}_{n}.png", colour=colour)
     items = scan_dataset(_cfg(target_dir, control_dir))
     assert [Path(i.source).name for i in items] == ["a.png", "b.png"]
-    assert [[Path(c.source).name for c in i.controls] for i in items] == [["a_0.png", "a_1.png"], ["b_0.png", "b_1.png"]]
+    assert [[Path(c.source).name for c in i.controls] for i in items] == [["a_0.png", "a_1.png"],
+                                                                          ["b_0.png", "b_1.png"]]
     assert items[0].caption == "make a red"
     control = items[0].controls[1]
     assert (control.width, control.height, control.flip) == (64, 64, False)
@@ -83,7 +84,8 @@ def test_edit_pair_controls_follow_their_targets_crop_and_flip(tmp_path):
 @pytest.mark.parametrize("case,message", [
     ("target without control", r"target image '.*b\.png' has no control image"),
     ("control without target", r"control image '.*c\.png' has no target image of the same name"),
-    ("aspect ratio", r"control image '.*a\.png' is 128×64 px.*falls into the .* bucket.*trains at 64×64.*Crop or pad"),
+    ("aspect ratio",
+     r"control image '.*a\.png' is 128×64 px.*falls into the .* bucket.*trains at 64×64.*Crop or pad"),
     ("numbering gap", r"controls of target image '.*a\.png' skip number 1"),
     ("single and numbered", r"target image '.*a\.png' has both 'a\.png' and numbered controls"),
     ("uneven counts", r"target image '.*b\.png' has 1 control image\(s\) but '.*a\.png' has 2"),

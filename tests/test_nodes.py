@@ -594,7 +594,7 @@ def test_interrupt_stops_training_after_a_checkpoint(pack, sample_cache, tmp_pat
 
 def test_validation_settings_come_from_the_cache(pack):
     hidden, pooled = torch.zeros(4, 8), torch.zeros(5)
-    latent_cache = SimpleNamespace(text=lambda i: (hidden, pooled), sizes=[(96, 64)])
+    latent_cache = SimpleNamespace(text=lambda i: (hidden, pooled), sizes=[(96, 64)], control_count=0)
     data = pack.cache.TrainingData(latent_cache)
     validate = pack.train.FluxLoraTrain._validation
     assert validate(data, 0, "dev") is None

@@ -158,7 +158,8 @@ class TrainingSession:
         # weight moves; the preset may also set the batch size and optimizer.
         # Reference (control) tokens lengthen the sequence as text tokens do: the estimator counts them there.
         workload = memory.Workload.for_training(dict(transformer.config), cache.sizes,
-                                                cache.text(0)[0].shape[0] + reference_tokens(cache), lora_cfg, train_cfg)
+                                                cache.text(0)[0].shape[0] + reference_tokens(cache), lora_cfg,
+                                                train_cfg)
         self.mem_cfg, self.vram_estimate = memory.plan_memory(self.mem_cfg, workload, device=self.device)
         log.info("memory plan (%s): %s", self.mem_cfg.preset, self.vram_estimate.summary())
         self.train_cfg = train_cfg = memory.effective_train_config(train_cfg, self.mem_cfg).validate()
