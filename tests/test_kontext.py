@@ -362,3 +362,34 @@ def test_edit_memory_plan_counts_the_reference_tokens(tmp_path):
     assert sessions[0].vram_estimate.tokens == 16 + text_tokens  # 64 px: 4 × 4 image tokens
     assert sessions[1].vram_estimate.tokens == 16 + text_tokens + 16
     assert sessions[1].vram_estimate.total > sessions[0].vram_estimate.total
+
+
+def test_edit_two_controls_per_target_reach_the_transformer_in_order(tmp_path, monkeypatch):
+    """With ``name_0`` / ``name_1`` controls, every step gets two references: the batch's first controls, then its
+    second ones, each stacked over the batch in the batch's order."""
+    from trainer_core.train import TrainingSession
+
+    target_dir, control_dir = _pair_folders(tmp_path, controls=())
+    for stem in ("a", "b"):
+        for n, colour in enumerate([(0, 0, 0), (255, 255, 255)]):
+            _image(control_dir / f"{stem}_{n}.png", colour=colour)
+    cache = build_cache(scan_dataset(_cfg(target_dir, control_dir)), build_tiny_vae(seed=0),
+                        build_tiny_text_encoder(seed=0), tmp_path / "cache")
+    seen = []
+    real_loss = flow.flow_matching_loss
+
+    def recording_loss(*args, references=(), **kwargs):
+        seen.append([r.clone() for r in references])
+        return real_loss(*args, references=references, **kwargs)
+
+    monkeypatch.setattr(flow, "flow_matching_loss", recording_loss)
+    session = TrainingSession(build_tiny_transformer(seed=0), cache, LoraConfig(rank=4, alpha=4),
+                              TrainConfig(steps=2, compute_dtype="fp32", batch_size=2), device="cpu")
+    for _ in range(2):
+        assert torch.isfinite(torch.tensor(session.step()))
+    for step, references in enumerate(seen):
+        order = session.order.batch(step)
+        assert len(references) == 2
+        for k in range(2):
+            assert torch.equal(references[k], torch.stack([cache.controls(i)[k] for i in order]).float())
+    assert not torch.equal(seen[0][0], seen[0][1])
