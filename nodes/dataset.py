@@ -1,4 +1,5 @@
-"""FluxLoraDataset: an image folder (or an IMAGE batch) with captions → FLUX_LORA_DATASET."""
+"""FluxLoraDataset: an image folder (or an IMAGE batch) with captions → FLUX_LORA_DATASET; with a control folder
+(or a second IMAGE batch), the pairs of an edit LoRA (FLUX.1 Kontext, FLUX.2 reference images)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from . import comfy_bridge as bridge
 
 CATEGORY = "FLUX LoRA"
 NO_FOLDER = "(none: use the images input)"
+NO_CONTROLS = "(none: not an edit dataset)"
 CAPTION_SOURCES = {  # widget label → DatasetConfig.caption_fallback
     "caption .txt, else file name": "stem",
     "caption .txt, else trigger word only": "trigger",
@@ -128,35 +130,53 @@ class FluxLoraDataset:
                 "masks": ("MASK", {
                     "tooltip": "With masked_loss and the images input: one MASK per image (or one for all), the "
                                "size of the images."}),
+                "control_folder": ([NO_CONTROLS] + _folders()[:-1], {
+                    "default": NO_CONTROLS,
+                    "tooltip": "Edit LoRA (FLUX.1 Kontext, FLUX.2 reference images): a subfolder of the input "
+                               "folder holding each image's control, the image before the edit, under the same "
+                               "name (cat.png, or cat_0.png, cat_1.png … for several). The images above are the "
+                               "edited results and their captions the edit instructions."}),
+                "control_images": ("IMAGE", {
+                    "tooltip": "Edit LoRA with the images input: the control images (before the edit), one per "
+                               "image, in the same order."}),
             },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, folder):
+    def VALIDATE_INPUTS(cls, folder, control_folder=NO_CONTROLS):
         # Our own check replaces ComfyUI's "value not in list", so the message says what to do.
-        if folder == NO_FOLDER or folder in _folders():
-            return True
         folders = bridge.comfy_folders()
         where = folders[0] if folders else "ComfyUI's input folder"
-        return (f"folder '{folder}' does not exist in {where}. Create it with your images and .txt captions "
-                f"and refresh the page, or pick another folder.")
+        if folder != NO_FOLDER and folder not in _folders():
+            return (f"folder '{folder}' does not exist in {where}. Create it with your images and .txt captions "
+                    f"and refresh the page, or pick another folder.")
+        if control_folder != NO_CONTROLS and control_folder not in _folders():
+            return (f"control_folder '{control_folder}' does not exist in {where}. Create it with the control "
+                    f"images and refresh the page, or pick another folder.")
+        return True
 
     @classmethod
-    def IS_CHANGED(cls, folder, custom_folder="", **_):
-        """Rescan when files in the folder change (names, sizes, times), though the widgets did not."""
+    def IS_CHANGED(cls, folder, custom_folder="", control_folder=NO_CONTROLS, **_):
+        """Rescan when files in the folder (or the control folder) change (names, sizes, times), though the
+        widgets did not."""
         folders = bridge.comfy_folders()
         if folders is None or (folder == NO_FOLDER and not custom_folder.strip()):
             return ""
         try:
-            path = bridge.resolve_dataset_folder(folders[0], folder, custom_folder)
-            entries = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
+            paths = [bridge.resolve_dataset_folder(folders[0], folder, custom_folder)]
+            if control_folder != NO_CONTROLS:
+                paths.append(bridge.resolve_dataset_folder(folders[0], control_folder))
+            entries = [sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
+                       for path in paths]
         except (OSError, TrainerInputError):
             return ""  # the node itself reports the problem
-        return hashlib.sha256(repr(entries).encode()).hexdigest()
+        return hashlib.sha256(repr(entries if len(entries) > 1 else entries[0]).encode()).hexdigest()
 
     def build(self, folder, caption_source, trigger_word, resolutions, buckets, crop, repeats, flip,
-              images=None, captions="", masked_loss=False, mask_suffix="_mask", masks=None, custom_folder=""):
+              images=None, captions="", masked_loss=False, mask_suffix="_mask", masks=None, custom_folder="",
+              control_folder=NO_CONTROLS, control_images=None):
         from ..trainer_core.data.dataset import dataset_from_images, scan_dataset
+        from ..trainer_core.data.pairs import controls_from_images
 
         if caption_source not in CAPTION_SOURCES:
             raise TrainerInputError(f"caption_source: '{caption_source}' is not one of {', '.join(CAPTION_SOURCES)}.")
@@ -167,9 +187,18 @@ class FluxLoraDataset:
             if masked_loss and masks is None:
                 raise TrainerInputError("masks: masked_loss is on for an IMAGE batch but no MASK is connected. "
                                         "Connect one mask per image to 'masks', or turn masked_loss off.")
+            if control_folder != NO_CONTROLS:
+                raise TrainerInputError("control_folder: the controls of an IMAGE batch come from 'control_images', "
+                                        "not a folder. Connect the control images there, or set control_folder "
+                                        "to none.")
             lines = [line.strip() for line in captions.splitlines() if line.strip()]
             items = dataset_from_images(images, lines, cfg.validate(), masks=masks)
+            if control_images is not None:
+                items = controls_from_images(items, control_images, cfg)
             return (DatasetSpec(items, cfg, f"IMAGE batch of {images.shape[0]}"),)
+        if control_images is not None:
+            raise TrainerInputError("control_images: they pair with the 'images' input, which is not connected. "
+                                    "Connect the edited images to 'images', or give a control_folder instead.")
         if folder == NO_FOLDER and not custom_folder.strip():
             raise TrainerInputError("folder: none chosen. Pick a subfolder of ComfyUI's input folder with your "
                                     "images, or connect an IMAGE batch to 'images'.")
@@ -178,4 +207,6 @@ class FluxLoraDataset:
             raise TrainerInputError("folder: reading a folder needs ComfyUI's input folder; run inside ComfyUI.")
         path = bridge.resolve_dataset_folder(folders[0], folder, custom_folder)
         cfg.folder = str(path)
+        if control_folder != NO_CONTROLS:
+            cfg.control_folder = str(bridge.resolve_dataset_folder(folders[0], control_folder))
         return (DatasetSpec(scan_dataset(cfg, bridge.allowed_roots()), cfg, str(path)),)

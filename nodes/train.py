@@ -21,6 +21,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # and sampled with real CFG against the empty prompt (the scale diffusers' Flux2KleinPipeline defaults to).
 DEV_GUIDANCE = {"FLUX.1": 3.5, "FLUX.2": 4.0}
 KLEIN_CFG_SCALE = 4.0
+KONTEXT_GUIDANCE = 2.5  # FLUX.1 Kontext dev edits (ComfyUI's Kontext templates: FluxGuidance 2.5)
 log = logging.getLogger(__name__)
 
 
@@ -192,7 +193,7 @@ class FluxLoraTrain:
     @staticmethod
     def _validation(cache, sample_every: int, variant: str, family=None):
         from ..trainer_core.models.family import FLUX1
-        from ..trainer_core.train import ValidationPrompts
+        from ..trainer_core.train import ValidationPrompts, validation_controls
 
         family = family or FLUX1
         if not sample_every:
@@ -200,11 +201,19 @@ class FluxLoraTrain:
         embeddings = list(cache.prompts) or [cache.cache.text(0)]
         width, height = cache.cache.sizes[0]
         klein = variant == "klein"
+        edit = cache.cache.control_count > 0  # an edit LoRA samples with a training control
+        if klein:
+            guidance = KLEIN_CFG_SCALE  # the CFG scale for klein (trainer_core.train.sample_validation)
+        elif variant == "dev":
+            guidance = KONTEXT_GUIDANCE if edit and family is FLUX1 else DEV_GUIDANCE[family.name]
+        else:
+            guidance = 1.0
         config = SampleConfig(prompts=list(cache.prompt_texts), every=sample_every, width=width, height=height,
-                              # for klein the guidance is the CFG scale (trainer_core.train.sample_validation)
-                              guidance=KLEIN_CFG_SCALE if klein else DEV_GUIDANCE[family.name] if variant == "dev"
-                              else 1.0).validate()
-        return ValidationPrompts(embeddings, config, negative=cache.cache.empty_text() if klein else None)
+                              guidance=guidance).validate()
+        controls = (validation_controls(cache.cache, list(cache.prompt_texts) or [cache.cache.captions[0]])
+                    if edit else [])
+        return ValidationPrompts(embeddings, config, negative=cache.cache.empty_text() if klein else None,
+                                 controls=controls)
 
 
 def _training_text_encoder(clip, lora_cfg: LoraConfig, train_cfg: TrainConfig, dtype: torch.dtype, family=None):

@@ -680,7 +680,7 @@ def test_validation_samples_use_real_cfg_for_klein_and_guidance_for_dev(pack):
     train = importlib.import_module(f"{PACK}.trainer_core.train")
     prompt, empty = (torch.randn(7, 48), torch.zeros(0)), (torch.randn(7, 48), torch.zeros(0))
     cache = SimpleNamespace(prompts=[prompt], prompt_texts=["zxq"], cache=SimpleNamespace(
-        sizes=[(32, 32)], text=lambda i: prompt, empty_text=lambda: empty))
+        sizes=[(32, 32)], text=lambda i: prompt, empty_text=lambda: empty, control_count=0))
     klein = pack.train.FluxLoraTrain._validation(cache, 5, "klein", family.FLUX2)
     assert klein.config.guidance > 1 and klein.negative is empty  # klein's guidance is its CFG scale
     dev = pack.train.FluxLoraTrain._validation(cache, 5, "dev", family.FLUX2)
@@ -772,7 +772,7 @@ def test_interrupt_stops_training_after_a_checkpoint(pack, sample_cache, tmp_pat
 
 def test_validation_settings_come_from_the_cache(pack):
     hidden, pooled = torch.zeros(4, 8), torch.zeros(5)
-    latent_cache = SimpleNamespace(text=lambda i: (hidden, pooled), sizes=[(96, 64)])
+    latent_cache = SimpleNamespace(text=lambda i: (hidden, pooled), sizes=[(96, 64)], control_count=0)
     data = pack.cache.TrainingData(latent_cache)
     validate = pack.train.FluxLoraTrain._validation
     assert validate(data, 0, "dev") is None

@@ -37,6 +37,7 @@ def _pack_specs() -> dict[str, dict]:
                        "output": list(cls.RETURN_TYPES), "output_name": list(cls.RETURN_NAMES)}
     # The folder list is the user's input folder: any name is valid in a shipped workflow.
     specs["FluxLoraDataset"]["input"]["required"]["folder"] = ([], {})
+    specs["FluxLoraDataset"]["input"]["optional"]["control_folder"] = ([], {})
     return specs
 
 

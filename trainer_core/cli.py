@@ -117,7 +117,8 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
     from .data.dataset import scan_dataset
     from .fileio import ensure_writable_dir
     from .metrics import plot_loss
-    from .train import Callbacks, ValidationPrompts, sample_validation, train_lora
+    from .train import Callbacks, ValidationPrompts, reference_tokens, sample_validation, train_lora, \
+        validation_controls
 
     run.validate()
     distributed.on_main(ensure_writable_dir, out, "output.folder")
@@ -133,7 +134,8 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
         return cache, prompts, embeddings[:len(prompts)], (embeddings[len(prompts):] or [None])[0]
 
     cache, prompts, prompt_embeddings, negative_embedding = distributed.on_main(cache_dataset)
-    validation = ValidationPrompts(prompt_embeddings, run.sample, negative_embedding)
+    validation = ValidationPrompts(prompt_embeddings, run.sample, negative=negative_embedding,
+                                   controls=validation_controls(cache, prompts))
     # Everything is cached now: the encoders can go before the transformer arrives, unless training needs them
     # live (a text-encoder LoRA, or captions whose tags are shuffled each step).
     if not needs_live_text(run):
@@ -147,7 +149,8 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
         from . import memory
 
         live_text = text_encoder is not None
-        workload = memory.Workload.for_training(model_config, cache.sizes, cache.text(0)[0].shape[0], run.lora,
+        workload = memory.Workload.for_training(model_config, cache.sizes,
+                                                cache.text(0)[0].shape[0] + reference_tokens(cache), run.lora,
                                                 run.train)
         mem_cfg, vram = memory.plan_memory(run.memory, workload, device=device)
         # FLUX.1's CLIP-L + T5 (clip_model, t5_model) or FLUX.2's one language model (model)

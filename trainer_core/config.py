@@ -66,6 +66,7 @@ class DatasetConfig:
     seed: int = 0
     masked_loss: bool = False  # weight the loss by a grey-scale mask <stem><mask_suffix>.png next to each image
     mask_suffix: str = "_mask"
+    control_folder: str = ""  # paired edit training: control images (before the edit) named like the targets
 
     def validate(self) -> "DatasetConfig":
         _check_finite("dataset", self)

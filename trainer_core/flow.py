@@ -8,9 +8,15 @@ Sampling integrates dx/dσ = v from σ = 1 to 0 with Euler steps over the family
 Latents here are always model-space latents in the cache's layout ([B, 16, H/8, W/8] for FLUX.1, [B, 128, H/16,
 W/16] for FLUX.2); how they become tokens, their position ids and the transformer call belong to the model family
 (``models/family.py``), detected from the transformer when not given.
+
+Edit models (FLUX.1 Kontext, FLUX.2 with reference images) also take ``references``: clean latents of the control
+images, whose tokens follow the noisy target's with the family's reference ids; the prediction is cut back to the
+target's tokens, so the loss and the sampler see only the target.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,17 +80,22 @@ def predict_velocity(
     guidance: float,
     dtype: torch.dtype = torch.float32,
     family: ModelFamily | None = None,
+    references: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """Run the transformer on latents in latent layout and return v in latent layout (fp32); ``dtype`` = compute
-    dtype; ``family`` defaults to the transformer's."""
+    dtype; ``family`` defaults to the transformer's; ``references``: clean control latents [B, C, h_i, w_i]."""
     family = family or detect_family(transformer)
     _, _, h, w = x_t.shape
     device = x_t.device
+    tokens, img_ids = family.pack_latents(x_t).to(dtype), family.image_ids(h, w, device=device)
+    if references:
+        tokens = torch.cat([tokens, *(family.pack_latents(r.to(device)).to(dtype) for r in references)], dim=1)
+        ref_ids = family.reference_ids([tuple(r.shape[-2:]) for r in references], device=device)
+        img_ids = torch.cat([img_ids, ref_ids.to(img_ids.dtype)])
     out = family.call_transformer(
-        transformer, family.pack_latents(x_t).to(dtype), sigma.to(device, dtype), hidden.to(device, dtype),
-        pooled.to(device, dtype), family.image_ids(h, w, device=device),
+        transformer, tokens, sigma.to(device, dtype), hidden.to(device, dtype), pooled.to(device, dtype), img_ids,
         family.text_ids(hidden.shape[1], device=device), guidance, dtype)
-    return family.unpack_latents(out.float(), h, w)
+    return family.unpack_latents(out[:, :family.image_token_count(h, w)].float(), h, w)
 
 
 def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2", huber_c: float = 0.1) -> torch.Tensor:
@@ -112,10 +123,12 @@ def flow_matching_loss(
     dtype: torch.dtype = torch.float32,
     huber_c: float = 0.1,
     family: ModelFamily | None = None,
+    references: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
-    """Mean flow-matching loss for one batch; ``weight`` (broadcastable to x0) weights the elements."""
+    """Mean flow-matching loss for one batch; ``weight`` (broadcastable to x0) weights the elements;
+    ``references``: clean control latents (edit models), never noised."""
     x_t = noisy_latents(x0, noise, sigma)
-    v_pred = predict_velocity(transformer, x_t, sigma, hidden, pooled, guidance, dtype, family)
+    v_pred = predict_velocity(transformer, x_t, sigma, hidden, pooled, guidance, dtype, family, references)
     loss = elementwise_loss(v_pred, velocity_target(x0, noise).float(), loss_type, huber_c)
     if weight is None:
         return loss.mean()
@@ -141,12 +154,13 @@ def euler_sample(
     dtype: torch.dtype = torch.float32,
     family: ModelFamily | None = None,
     negative: tuple[torch.Tensor, torch.Tensor] | None = None,
+    references: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """Integrate dx/dσ = v from pure noise (σ = 1) to a clean latent (σ = 0).
 
     With ``negative`` (hidden, pooled of a negative prompt) each step is classifier-free guided, v = v₋ +
     guidance·(v₊ − v₋), as FLUX.2 klein's pipeline samples; otherwise ``guidance`` goes to the transformer's
-    guidance embedding (where it has one).
+    guidance embedding (where it has one). ``references``: control latents (edit models) that condition every step.
     """
     family = family or detect_family(transformer)
     _, _, h, w = noise.shape
@@ -154,9 +168,9 @@ def euler_sample(
     x = noise.float()
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         t = sigma.expand(x.shape[0])
-        v = predict_velocity(transformer, x, t, hidden, pooled, guidance, dtype, family)
+        v = predict_velocity(transformer, x, t, hidden, pooled, guidance, dtype, family, references)
         if negative is not None:
-            v_negative = predict_velocity(transformer, x, t, *negative, guidance, dtype, family)
+            v_negative = predict_velocity(transformer, x, t, *negative, guidance, dtype, family, references)
             v = v_negative + guidance * (v - v_negative)
         x = x + (sigma_next - sigma) * v
     return x

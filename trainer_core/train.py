@@ -80,11 +80,14 @@ class TrainResult:
 @dataclass
 class ValidationPrompts:
     """Encoded validation prompts (hidden [L, D], pooled [P] each) and how to sample them; ``negative`` is the
-    encoded ``config.negative_prompt``, which models sampled with real CFG (FLUX.2 klein base) need."""
+    encoded ``config.negative_prompt``, which models sampled with real CFG (FLUX.2 klein base) need. ``controls``:
+    for an edit model, each prompt's control latents ([C, h, w] each, model space) that the sample is conditioned on.
+    """
 
     embeddings: Sequence[tuple[torch.Tensor, torch.Tensor]]
     config: SampleConfig = field(default_factory=SampleConfig)
     negative: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden, pooled): real-CFG families only
+    controls: Sequence[Sequence[torch.Tensor]] = ()
 
 
 @torch.no_grad()
@@ -104,12 +107,32 @@ def sample_validation(transformer, prompts: ValidationPrompts, device, dtype=tor
             negative = tuple(t[None].to(device) for t in prompts.negative)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = []
-    for hidden, pooled in prompts.embeddings:
+    for i, (hidden, pooled) in enumerate(prompts.embeddings):
         noise = torch.randn((1, *family.latent_shape(cfg.height, cfg.width)), generator=gen).to(device)
+        references = [c[None].float() for c in prompts.controls[i]] if prompts.controls else ()
         latent = flow.euler_sample(transformer, noise, hidden[None].to(device), pooled[None].to(device),
-                                   cfg.guidance, cfg.steps, dtype=dtype, family=family, negative=negative)
+                                   cfg.guidance, cfg.steps, dtype=dtype, family=family, negative=negative,
+                                   references=references)
         out.append(latent.cpu())
     return torch.cat(out)
+
+
+def reference_tokens(cache: LatentCache) -> int:
+    """Tokens the control images of a paired dataset add to the sequence at its largest bucket (a control takes
+    its target's bucket; both families make one token per 16×16 pixels); 0 for a plain dataset."""
+    width, height = max(cache.sizes, key=lambda wh: wh[0] * wh[1])
+    return cache.control_count * (width // 16) * (height // 16)
+
+
+def validation_controls(cache: LatentCache, prompts: Sequence[str]) -> list[list[torch.Tensor]]:
+    """For a paired dataset, each validation prompt's control latents: those of the first item captioned with the
+    prompt, else the first item's (an instruction tried on a training control); empty for a plain dataset."""
+    if not cache.control_count:
+        return []
+    by_caption: dict[str, int] = {}
+    for index, caption in enumerate(cache.captions):
+        by_caption.setdefault(caption, index)
+    return [cache.controls(by_caption.get(prompt, 0)) for prompt in prompts]
 
 
 def default_device() -> torch.device:
@@ -144,8 +167,10 @@ class TrainingSession:
         self.device = torch.device(device) if device is not None else default_device()
         # The preset becomes concrete knobs here, and a plan that will not fit the VRAM is refused before any
         # weight moves; the preset may also set the batch size and optimizer.
-        workload = memory.Workload.for_training(dict(transformer.config), cache.sizes, cache.text(0)[0].shape[0],
-                                                lora_cfg, train_cfg)
+        # Reference (control) tokens lengthen the sequence as text tokens do: the estimator counts them there.
+        workload = memory.Workload.for_training(dict(transformer.config), cache.sizes,
+                                                cache.text(0)[0].shape[0] + reference_tokens(cache), lora_cfg,
+                                                train_cfg)
         self.mem_cfg, self.vram_estimate = memory.plan_memory(self.mem_cfg, workload, device=self.device)
         log.info("memory plan (%s): %s", self.mem_cfg.preset, self.vram_estimate.summary())
         self.train_cfg = train_cfg = memory.effective_train_config(train_cfg, self.mem_cfg).validate()
@@ -192,7 +217,9 @@ class TrainingSession:
             # masks are cached per 8×8 pixel cell; a coarser latent (FLUX.2: /16) averages them over its cells
             weight = torch.stack([torch.nn.functional.adaptive_avg_pool2d(m.float(), x0.shape[-2:]) if m is not None
                                   else torch.ones(1, *x0.shape[-2:]) for m in masks]).float()
-        return len(indices), x0, hidden, pooled, weight
+        controls = [self.cache.controls(i) for i in mine]
+        references = [torch.stack([c[k] for c in controls]) for k in range(self.cache.control_count)]
+        return len(indices), x0, hidden, pooled, weight, references
 
     def step(self) -> float:
         """One optimizer step over ``gradient_accumulation`` micro-batches; returns the mean loss.
@@ -231,7 +258,7 @@ class TrainingSession:
         accum = cfg.gradient_accumulation
         total = 0.0
         for j in range(accum):
-            size, x0, hidden, pooled, weight = self._batch(self.step_count * accum + j)
+            size, x0, hidden, pooled, weight, references = self._batch(self.step_count * accum + j)
             # Every process draws the noise and σ of the whole global batch and keeps its shard: the numbers one
             # process with the global batch draws, and the generators stay in step.
             noise = torch.randn((size, *x0.shape[1:]), generator=self.generator)[self.shard]
@@ -245,7 +272,7 @@ class TrainingSession:
                 self.transformer, x0.to(self.dtype), noise.to(self.dtype), sigma, hidden.to(self.device),
                 pooled.to(self.device), cfg.guidance, loss_type=cfg.loss_type,
                 weight=weight.to(self.device) if weight is not None else None, dtype=self.dtype, huber_c=cfg.huber_c,
-                family=self.family,
+                family=self.family, references=[r.to(self.device, self.dtype) for r in references],
             )
             (loss / accum).backward()
             total += loss.item() / accum
@@ -489,6 +516,8 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog | N
         "dataset_hash": session.cache.fingerprint,
         "training_settings": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
     }
+    if session.cache.control_count:  # an edit LoRA: sample it with this many reference images
+        meta["reference_images"] = str(session.cache.control_count)
 
     def save_outputs() -> tuple[Path, list[Path], Path]:
         # The checkpoint first: if the LoRA cannot be written (a full disk, which no check beforehand can know),

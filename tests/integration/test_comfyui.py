@@ -32,6 +32,7 @@ start_comfyui, PACK_FOLDER = comfy_server.start_comfyui, comfy_server.PACK_FOLDE
 ROOT = Path(__file__).resolve().parents[2]
 COMFYUI_DIR, COMFYUI_PYTHON = comfy_server.COMFYUI_DIR, comfy_server.COMFYUI_PYTHON
 WORKFLOW = ROOT / "workflows" / "api" / "flux_lora_train.json"
+KONTEXT_WORKFLOW = ROOT / "workflows" / "api" / "flux_kontext_lora_train.json"
 ALL_API_WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
 # FLUX.1 graphs (DualCLIPLoader → KSampler); the FLUX.2 ones run in test_flux2_comfyui.py, on releases with FLUX.2.
 API_WORKFLOWS = [path for path in ALL_API_WORKFLOWS if not path.stem.startswith("flux2_")]
@@ -64,6 +65,7 @@ def adapt(api: dict, fx, tiny_settings: bool = True, **train: object) -> dict:
     """
     api = copy.deepcopy(api)
     seen = set()
+    controls, held_out = _edit_inputs(fx)
     for node in api.values():
         kind, inputs = node["class_type"], node["inputs"]
         seen.add(kind)
@@ -76,6 +78,10 @@ def adapt(api: dict, fx, tiny_settings: bool = True, **train: object) -> dict:
             inputs["vae_name"] = fx.vae
         elif kind == "FluxLoraDataset":
             inputs.update(folder=fx.dataset, resolutions="64")
+            if not inputs.get("control_folder", "(none").startswith("(none"):
+                inputs["control_folder"] = controls
+        elif kind == "LoadImage":
+            inputs["image"] = held_out
         elif kind == "FluxLoraTrain":
             if tiny_settings:
                 inputs.update(rank=4, alpha=4.0, learning_rate=2e-3, timestep_sampling="sigmoid", checkpoint_every=0,
@@ -86,7 +92,27 @@ def adapt(api: dict, fx, tiny_settings: bool = True, **train: object) -> dict:
         elif kind == "KSampler":
             inputs["steps"] = 1
     assert {"UNETLoader", "DualCLIPLoader", "VAELoader", "FluxLoraDataset", "FluxLoraTrain", "KSampler"} <= seen
+    # FluxKontextImageScale snaps to Kontext's ≈1 MP resolutions: at 64 px, the control goes to VAEEncode as it is.
+    for node_id in [k for k, v in api.items() if v["class_type"] == "FluxKontextImageScale"]:
+        image = api.pop(node_id)["inputs"]["image"]
+        for node in api.values():
+            for name, value in node["inputs"].items():
+                if value == [node_id, 0]:
+                    node["inputs"][name] = image
     return api
+
+
+def _edit_inputs(fx) -> tuple[str, str]:
+    """A control folder for the fixture dataset (each shape in grey: the LoRA learns to colour it) and a held-out
+    grey control in the input folder; written once. Returns the folder's and the image's names."""
+    controls, held_out = f"{fx.dataset}_control", "kontext_held_out.png"
+    folder = fx.base / "input" / controls
+    if not folder.is_dir():
+        folder.mkdir()
+        for image in sorted((fx.base / "input" / fx.dataset).glob("*.png")):
+            Image.open(image).convert("L").convert("RGB").save(folder / image.name)
+        Image.open(next(iter(sorted(folder.glob("*.png"))))).rotate(90).save(fx.base / "input" / held_out)
+    return controls, held_out
 
 
 def training_only(api: dict) -> dict:
@@ -334,6 +360,30 @@ def test_comfyuis_partial_loading_works_on_the_shared_weights(fx, tmp_path):
     assert report["lora_vs_base"] > 0  # the LoRA acts
     # patched weights (fp32 merge, stored in the weight dtype) vs the same patch computed at each use
     assert report["lora_partial_vs_lora_full"] <= 1e-3 * max(report["lora_vs_base"], 1.0), report
+
+
+def test_kontext_workflow_trains_pairs_and_its_lora_edits_through_reference_latent(server, fx):
+    """The Kontext workflow: FLUX LoRA Train trains on (grey control → coloured target) pairs, saves the LoRA, and
+    the trained MODEL edits a held-out control through ReferenceLatent + FluxGuidance 2.5 and KSampler; every LoRA
+    key loads, and the edit differs from the base model's edit of the same control."""
+    api = adapt(json.loads(KONTEXT_WORKFLOW.read_text()), fx, steps=2, output_name="kontext_lora")
+    unet = _node_id(api, "UNETLoader")
+    base_save = sample_branch(api, 900, [unet, 0], "kontext_base")
+    started = time.monotonic()
+    history = server.wait(server.queue(api), timeout=1800)
+    print(f"Kontext workflow (2 paired training steps, 2 edits) took {time.monotonic() - started:.1f} s")
+    assert history["status"]["status_str"] == "success", json.dumps(history["status"])[:3000]
+    lora = server.base / "output" / "loras" / "kontext_lora.safetensors"
+    with safe_open(str(lora), framework="pt") as f:
+        meta = f.metadata()
+    assert (meta["steps"], meta["reference_images"]) == ("2", "1")
+    log = server.log_text()
+    assert re.search(r"4 targets paired with 1 control image\(s\) each", log)
+    assert log.count("lora key not loaded") == 0 and "NOT LOADED" not in log
+    with_lora, without = saved_image(server, history, first_sample_save(api)), saved_image(server, history, base_save)
+    difference = np.abs(with_lora - without)
+    print(f"Kontext edit with vs without the LoRA: mean |Δ| {difference.mean():.3f}, max {difference.max()} (0–255)")
+    assert with_lora.shape == without.shape and difference.max() > 0
 
 
 def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(server, fx):

@@ -7,6 +7,9 @@ Layout inside the cache folder::
                                                       "pooled"  [P] (CLIP-L; FLUX.2: [0])
     masks/<mask key>.safetensors                      "mask"    [1, h/8, w/8] loss weights (dataset.masked_loss)
 
+A paired dataset's control images (data/pairs.py) are items too: their latents sit in ``latents/`` beside the
+targets', under the same kind of key.
+
 item key = sha256(preprocessing version, image content hash, bucket size, crop box, flip); caption key =
 sha256(caption), so identical captions share one file; encoder key = sha256(encoder identity). The two halves
 are kept apart in the name so a fully cached dataset can be used with no encoders at all: the one encoder key
@@ -55,11 +58,14 @@ class LatentCache:
     """Cached latents and text embeddings for a list of :class:`DatasetItem` (same order)."""
 
     def __init__(self, items: Sequence[DatasetItem], latent_files: Sequence[Path], text_files: Sequence[Path],
-                 reused: int = 0, encoded: int = 0, mask_files: Sequence[Path | None] | None = None):
+                 reused: int = 0, encoded: int = 0, mask_files: Sequence[Path | None] | None = None,
+                 control_files: Sequence[Sequence[Path]] | None = None):
         self.items = list(items)
         self._latent_files = list(latent_files)
         self._text_files = list(text_files)
         self._mask_files = list(mask_files) if mask_files is not None else [None] * len(self.items)
+        self._control_files = [list(f) for f in control_files] if control_files is not None else \
+            [[] for _ in self.items]
         self.reused = reused  # cache files found valid and reused by build_cache
         self.encoded = encoded  # cache files written by build_cache
 
@@ -69,6 +75,15 @@ class LatentCache:
     def latent(self, index: int) -> torch.Tensor:
         """Model-space latent [C, h/d, w/d] of item ``index`` (FLUX.1: 16 channels at /8; FLUX.2: 128 at /16)."""
         return _load(self._latent_files[index])["latent"]
+
+    def controls(self, index: int) -> list[torch.Tensor]:
+        """Model-space latents of item ``index``'s control images (a paired dataset; else empty), in order."""
+        return [_load(path)["latent"] for path in self._control_files[index]]
+
+    @property
+    def control_count(self) -> int:
+        """Control images per item: 0 for a plain dataset (every item of a paired one has the same number)."""
+        return len(self._control_files[0]) if self._control_files else 0
 
     def text(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(T5 hidden states [L, D], CLIP-L pooled [P]) of item ``index``'s caption."""
@@ -139,10 +154,14 @@ def build_cache(items: Sequence[DatasetItem], image_encoder: ImageEncoder | None
     mask_files = _cache_masks(items, root / "masks")
 
     latent_keys = [latent_key(item) for item in items]
+    control_keys = [[latent_key(control) for control in item.controls] for item in items]
     text_keys = [text_key(item.caption) for item in items]
     by_latent: dict[str, DatasetItem] = {}
     for key, item in zip(latent_keys, items):
         by_latent.setdefault(key, item)  # identical items (e.g. duplicate files) share one latent
+    for keys, item in zip(control_keys, items):
+        for key, control in zip(keys, item.controls):
+            by_latent.setdefault(key, control)
     by_text = {key: item.caption for key, item in zip(text_keys, items)}
     if empty_caption:
         by_text.setdefault(text_key(""), "")
@@ -177,7 +196,7 @@ def build_cache(items: Sequence[DatasetItem], image_encoder: ImageEncoder | None
     log.info("cache %s: %d files reused, %d encoded (%d latents, %d captions)",
              root, reused, encoded, len(by_latent), len(by_text))
     return LatentCache(items, [latents.found[k] for k in latent_keys], [texts.found[k] for k in text_keys],
-                       reused, encoded, mask_files)
+                       reused, encoded, mask_files, [[latents.found[k] for k in keys] for keys in control_keys])
 
 
 def build_prompt_cache(prompts: Sequence[str], text_encoder: TextEncoder | None,

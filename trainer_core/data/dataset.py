@@ -55,6 +55,9 @@ class DatasetItem:
     mask: Path | str | None = None  # loss-weight mask (dataset.masked_loss): a grey-scale image file or an id
     mask_hash: str = ""  # sha256 of the mask file bytes (or of the in-memory mask)
     mask_image: Image.Image | None = field(default=None, repr=False, compare=False)  # in-memory mask only
+    # Paired edit datasets (dataset.control_folder): the images the edit starts from, placed on this item's bucket
+    # (items themselves, without caption or controls; see data/pairs.py).
+    controls: tuple["DatasetItem", ...] = ()
 
     def load_pixels(self) -> torch.Tensor:
         """[3, height, width] float in 0..1: the crop box resized to the bucket (one resample), then flipped."""
@@ -134,6 +137,10 @@ def scan_dataset(cfg: DatasetConfig, allowed_roots: Sequence[Path] | None = None
         items += _items_for(path, size, hashlib.sha256(data).hexdigest(), caption, cfg, f"dataset image '{path}'",
                             mask=mask)
     log.info("dataset: %d images → %d items from %s", len(images), len(items), folder)
+    if cfg.control_folder:
+        from .pairs import attach_controls
+
+        items = attach_controls(items, cfg, roots)
     return items
 
 
@@ -294,7 +301,8 @@ def dataset_fingerprint(items: Sequence[DatasetItem]) -> str:
     """A short hash of what the model trains on (pixels, captions, sizes, crops, flips, repeats, order);
     file names and folders do not count, so moving the dataset keeps it."""
     rows = [[i.content_hash, i.caption, i.width, i.height, list(i.crop), i.flip, i.repeats]
-            + ([i.mask_hash] if i.mask is not None else []) for i in items]
+            + ([i.mask_hash] if i.mask is not None else [])
+            + ([[c.content_hash, list(c.crop)] for c in i.controls] if i.controls else []) for i in items]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 

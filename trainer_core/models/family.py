@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -63,6 +63,12 @@ class ModelFamily:
         raise NotImplementedError
 
     def text_ids(self, length: int, device=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reference_ids(self, sizes: Sequence[tuple[int, int]], device=None) -> torch.Tensor:
+        """Position ids of reference (control) latents of latent sizes ``sizes`` [(h, w), …], whose tokens follow
+        the target's: one block per reference, concatenated, as this family's edit models were trained with and
+        ComfyUI's ReferenceLatent feeds them at inference."""
         raise NotImplementedError
 
     def image_token_count(self, height: int, width: int) -> int:
@@ -188,6 +194,25 @@ class Flux1Family(ModelFamily):
     def image_token_count(self, height, width):
         return (height // 2) * (width // 2)
 
+    def reference_ids(self, sizes, device=None):
+        """FLUX.1 Kontext: id channel 0 = 1. The first reference sits at [1, row, col] (diffusers' Kontext recipe and
+        ComfyUI's default "offset" method agree); each later one is placed beside the references before it — to the
+        right when that keeps the covered area squarer, else below — as ComfyUI's "offset" method does."""
+        blocks, covered_h, covered_w = [], 0, 0
+        for h, w in sizes:
+            h_offset = w_offset = 0
+            if h + covered_h > w + covered_w:
+                w_offset = covered_w
+            else:
+                h_offset = covered_h
+            covered_h, covered_w = max(covered_h, h + h_offset), max(covered_w, w + w_offset)
+            ids = self.image_ids(h, w, device)
+            ids[:, 0] = 1
+            ids[:, 1] += (h_offset + 1) // 2  # latent cells → 2×2 patches, rounded as ComfyUI rounds
+            ids[:, 2] += (w_offset + 1) // 2
+            blocks.append(ids)
+        return torch.cat(blocks)
+
     def resolution_shift(self, image_tokens, steps=SAMPLING_STEPS):
         """e^μ, μ linear from 0.5 at 256 tokens to 1.15 at 4096 tokens (independent of the step count)."""
         return math.exp(0.5 + (1.15 - 0.5) * (image_tokens - 256) / (4096 - 256))
@@ -262,6 +287,9 @@ class Flux2Family(ModelFamily):
 
     def image_token_count(self, height, width):
         return height * width
+
+    def reference_ids(self, sizes, device=None):
+        return flux2.reference_ids(sizes, device)
 
     def resolution_shift(self, image_tokens, steps=SAMPLING_STEPS):
         return flux2.resolution_shift(image_tokens, steps)

@@ -70,6 +70,20 @@ def latent_image_ids(height: int, width: int, device=None) -> torch.Tensor:
     return torch.stack([zeros, rows, cols, zeros], dim=-1)
 
 
+REFERENCE_TIME_SCALE = 10  # reference i sits at time coordinate 10 + 10·i ("index" method)
+
+
+def reference_ids(sizes, device=None) -> torch.Tensor:
+    """Position ids of reference latents of sizes [(h, w), …]: reference i at (10 + 10·i, row, col, 0), as
+    ``Flux2Pipeline._prepare_image_ids`` and ComfyUI's "index" method (``ref_index_scale`` 10) build them."""
+    blocks = []
+    for i, (h, w) in enumerate(sizes):
+        ids = latent_image_ids(h, w, device)
+        ids[:, 0] = REFERENCE_TIME_SCALE * (i + 1)
+        blocks.append(ids)
+    return torch.cat(blocks)
+
+
 def text_ids(length: int, device=None) -> torch.Tensor:
     """Position ids [L, 4] = (0, 0, 0, l): text tokens sit on the L axis."""
     ids = torch.zeros(length, ROPE_AXES, dtype=torch.long, device=device)
