@@ -181,10 +181,9 @@ def simulate(model_config: dict, mem, *, resolution: int | tuple[int, int] = 102
     ``alter_model(model)``: called on the built model before the preset is applied (tests use it to break a
     block on purpose).
     """
-    from diffusers import FluxTransformer2DModel
-
     from trainer_core import flow, lora, memory
     from trainer_core.config import LoraConfig, TrainConfig
+    from trainer_core.models.family import detect_family
     from trainer_core.optim import build_optimizer
 
     start = time.perf_counter()
@@ -192,9 +191,10 @@ def simulate(model_config: dict, mem, *, resolution: int | tuple[int, int] = 102
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     config = {k: v for k, v in model_config.items() if not k.startswith("_")}
     mem = dataclasses.replace(mem, compile_blocks=False, vram_budget_gb=0.0)
+    family = detect_family(model_config)
     tracker = LiveBytes()
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**config)
+        model = family.model_class()(**config)
         if alter_model is not None:
             alter_model(model)
         for t in list(model.parameters()) + list(model.buffers()):
@@ -225,13 +225,15 @@ def simulate(model_config: dict, mem, *, resolution: int | tuple[int, int] = 102
             tracker.reset_peaks()
             resident = tracker.device
             model.train()
-            latent = (batch_size, 16, height // 8, width // 8)
+            latent = (batch_size, *family.latent_shape(height, width))
             x0, noise = torch.randn(latent, dtype=dtype), torch.randn(latent, dtype=dtype)
             hidden = torch.randn(batch_size, text_tokens, config["joint_attention_dim"], dtype=dtype)
-            pooled = torch.randn(batch_size, config["pooled_projection_dim"], dtype=dtype)
+            # FLUX.2 has no pooled text vector: its family ignores this one
+            pooled = torch.randn(batch_size, config.get("pooled_projection_dim", 0), dtype=dtype)
             sigma = torch.rand(batch_size)
             with _naming_blocks(model):
-                loss = flow.flow_matching_loss(model, x0, noise, sigma, hidden, pooled, 1.0, dtype=dtype)
+                loss = flow.flow_matching_loss(model, x0, noise, sigma, hidden, pooled, 1.0, dtype=dtype,
+                                               family=family)
                 loss.backward()
             del loss
             opt.step()

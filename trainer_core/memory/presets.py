@@ -110,8 +110,19 @@ def fits(estimate: VramEstimate, budget: int) -> bool:
     return estimate.total * FIT_MARGIN + FIT_RESERVE <= budget
 
 
-def _tier(name: str, overrides: dict) -> MemoryConfig:
-    return MemoryConfig(**{**PRESET_TABLE[name], **overrides, "preset": name})
+def preset_table(model_config: dict | None = None) -> dict[str, dict]:
+    """The tiers sized for the family (and size) of ``model_config`` (default FLUX.1-dev): the same names for
+    every model, each the plan for that card size — FLUX.2 dev needs far more swapping at 24gb than klein-4B."""
+    if model_config is None:
+        return PRESET_TABLE
+    from ..models.family import detect_family
+
+    return detect_family(model_config).memory_presets(model_config)
+
+
+def _tier(name: str, overrides: dict, workload: Workload | None = None) -> MemoryConfig:
+    table = preset_table(workload.model_config if workload is not None else None)
+    return MemoryConfig(**{**table[name], **overrides, "preset": name})
 
 
 def resolve_preset(name: str, overrides: dict | None = None, free_bytes: int | None = None,
@@ -129,7 +140,7 @@ def resolve_preset(name: str, overrides: dict | None = None, free_bytes: int | N
     if name == "none":
         return MemoryConfig(**overrides).validate()
     if name != "auto":
-        return _tier(name, overrides).validate()
+        return _tier(name, overrides, workload).validate()
     budget = int(overrides["vram_budget_gb"] * GiB) if overrides.get("vram_budget_gb") else free_bytes
     if budget is None:
         budget = free_vram_bytes()
@@ -138,7 +149,7 @@ def resolve_preset(name: str, overrides: dict | None = None, free_bytes: int | N
         return MemoryConfig(**overrides, preset="none").validate()
     workload = workload or Workload()
     for tier in TIERS_LARGEST_FIRST:
-        mem = _tier(tier, overrides)
+        mem = _tier(tier, overrides, workload)
         try:
             mem.validate()
         except TrainerInputError:
@@ -149,7 +160,7 @@ def resolve_preset(name: str, overrides: dict | None = None, free_bytes: int | N
             log.info("memory.preset auto: %.1f GiB available → tier %s (%s base, %d blocks swapped; %s)",
                      budget / GiB, tier, mem.base_precision, mem.blocks_to_swap, estimate.time_summary())
             return mem
-    return _tier(TIERS_LARGEST_FIRST[-1], overrides).validate()
+    return _tier(TIERS_LARGEST_FIRST[-1], overrides, workload).validate()
 
 
 def _faster_variant(mem: MemoryConfig, estimate: VramEstimate, overrides: dict, budget: int,
@@ -178,7 +189,7 @@ def check_fits(estimate: VramEstimate, mem: MemoryConfig, budget: int | None, wo
         return
     workload = workload or Workload()
     overrides = {k: getattr(mem, k) for k in ("lora_dtype", "prefetch_blocks", "vram_budget_gb")}
-    smaller = [t for t in TIERS_LARGEST_FIRST if fits(workload.estimate(_tier(t, overrides)), budget)]
+    smaller = [t for t in TIERS_LARGEST_FIRST if fits(workload.estimate(_tier(t, overrides, workload)), budget)]
     if smaller:
         fix = f"use memory.preset = \"{smaller[0]}\" (or \"auto\")"
     else:

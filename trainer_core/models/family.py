@@ -34,6 +34,12 @@ class ModelFamily:
     target_presets: dict[str, str]  # lora.targets preset name → full-name regex
     single_output: str  # regex of single block {index}'s output projection: the layer "tiny" and "nano" train
     block_lists = ("transformer_blocks", "single_transformer_blocks")  # swappable / checkpointed blocks, in order
+    activation_coeffs: dict[str, tuple[float, ...]]  # the estimator's per-block activations (memory/estimate.py)
+    frozen_coeffs: tuple[float, ...]
+
+    def memory_presets(self, config: Mapping[str, Any]) -> dict[str, dict]:
+        """The memory tiers (8gb … 80gb → MemoryConfig knobs) sized for a transformer of this ``config``."""
+        raise NotImplementedError
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latent of a ``height`` × ``width`` pixel image."""
@@ -105,6 +111,13 @@ class Flux1Family(ModelFamily):
     latent_channels = 16
     latent_downscale = 8
     single_output = r"single_transformer_blocks\.{index}\.proj_out"
+    activation_coeffs = flux.ACTIVATION_COEFFS
+    frozen_coeffs = flux.FROZEN_COEFFS
+
+    def memory_presets(self, config):
+        from ..memory.presets import PRESET_TABLE  # dev and schnell are the same size: one table
+
+        return PRESET_TABLE
 
     @property
     def target_presets(self) -> dict[str, str]:
@@ -178,6 +191,11 @@ class Flux2Family(ModelFamily):
     latent_downscale = flux2.LATENT_DOWNSCALE
     target_presets = flux2.TARGET_PRESETS
     single_output = flux2.SINGLE_OUTPUT
+    activation_coeffs = flux2.ACTIVATION_COEFFS
+    frozen_coeffs = flux2.FROZEN_COEFFS
+
+    def memory_presets(self, config):
+        return flux2.memory_presets(config)
 
     def pack_latents(self, latents):
         return flux2.pack_latents(latents)

@@ -51,6 +51,23 @@ def flux_config(name: str) -> dict:
     return json.loads(json.dumps(FLUX_CONFIGS[name]))
 
 
+# The estimator's activation coefficients (memory/estimate.py explains S, P, Q and the unit u), measured on narrow
+# FLUX.1 blocks (head dim 128, hidden 512 and 1024); "context", "tiny" and "nano" are bounded from neighbouring
+# measurements.
+ACTIVATION_COEFFS = {  # (S_double, S_single, P_double, P_single, Q_double, Q_single)
+    "attention": (15.6, 14.3, 22.6, 29.3, 7.2, 13.0),
+    "attention+ffs": (21.2, 19.6, 28.6, 31.7, 7.3, 10.1),
+    "mmdit": (15.6, 13.1, 22.6, 28.0, 7.2, 13.0),
+    "all": (19.9, 21.6, 26.1, 32.7, 6.3, 9.1),
+    "all+ffs": (25.0, 23.8, 32.5, 32.9, 6.4, 9.1),
+    "context": (12.6, 13.1, 22.6, 28.0, 7.2, 13.0),
+    "context+ffs": (13.4, 13.1, 28.6, 28.0, 7.3, 13.0),
+    "tiny": (14.1, 14.3, 21.1, 29.3, 7.2, 13.0),
+    "nano": (14.1, 14.3, 21.1, 29.3, 7.2, 13.0),
+}
+FROZEN_COEFFS = (14.1, 13.1, 21.1, 28.0, 7.2, 13.0)  # a block without LoRA whose input still needs its gradient
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The mapping table: diffusers module → (BFL module, part of a fused weight or None).
 # Part p of a fused weight is rows [p·width, (p+1)·width); the last part of linear1 is the MLP (4·width rows).

@@ -139,6 +139,28 @@ SINGLE_OUTPUT = r"single_transformer_blocks\.{index}\.attn\.to_out"  # the "tiny
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The estimator's activation coefficients (memory/estimate.py explains S, P, Q and the unit u). Measured with the dry
+# run's tracker (bench/dryrun.py) on narrow FLUX.2 blocks (head dim 128, hidden 512 and 1024, the 1024 values
+# taken: they fall slightly with width), from 2- and 3-block stacks of each kind with and without checkpointing.
+# FLUX.2 blocks keep more than FLUX.1's per u: the fused single-block projection is 9 u wide (q, k, v + the SwiGLU
+# input) and the SwiGLU MLP keeps its gate and value. "all+ffs" = "all" (the same layers); "attention+ffs" and
+# "context+ffs" at 1024 and "tiny"/"nano" (one single block's output layer) are bounded from neighbouring
+# measurements.
+ACTIVATION_COEFFS = {  # (S_double, S_single, P_double, P_single, Q_double, Q_single)
+    "attention": (20.3, 25.3, 27.7, 40.6, 6.3, 14.3),
+    "attention+ffs": (24.8, 25.3, 29.5, 40.6, 4.9, 14.3),
+    "mmdit": (20.3, 20.1, 27.7, 39.3, 6.3, 18.2),
+    "all": (28.7, 27.3, 32.1, 41.6, 2.4, 13.4),
+    "all+ffs": (28.7, 27.3, 32.1, 41.6, 2.4, 13.4),
+    "context": (19.3, 20.1, 26.7, 39.3, 2.7, 18.2),
+    "context+ffs": (19.9, 20.1, 27.0, 39.3, 2.5, 18.2),
+    "tiny": (19.1, 25.3, 26.4, 40.6, 5.0, 14.3),
+    "nano": (19.1, 25.3, 26.4, 40.6, 5.0, 14.3),
+}
+FROZEN_COEFFS = (19.1, 20.1, 26.4, 39.3, 5.0, 18.2)  # a block without LoRA whose input still needs its gradient
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # BFL ⇄ diffusers: diffusers module → (BFL module, part of a fused qkv or None). Every parameter is a weight
 # (FLUX.2 has no biases); RMSNorm weights are BFL ``scale``; norm_out.linear's shift/scale halves are swapped.
 
