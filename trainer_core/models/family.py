@@ -231,11 +231,10 @@ class Flux2Family(ModelFamily):
         return flux2.diffusers_module_to_bfl(name, inner_dim)
 
     def file_config(self, path):
-        return None  # the estimator's FLUX.2 numbers are not calibrated yet: the session plans once it is loaded
+        return flux2.flux2_file_config(path)
 
     def load_transformer(self, source, dtype=torch.bfloat16, device="cpu", base_precision=None):
-        # Not streamed yet: loaded at ``dtype``, then converted to the planned precision by memory.prepare_base.
-        return flux2.load_flux2_transformer(source, dtype=dtype, device=device)
+        return flux2.load_flux2_transformer(source, dtype=dtype, device=device, base_precision=base_precision)
 
     def check_transformer(self, path: Path) -> None:
         flux2.check_flux2_transformer(path)

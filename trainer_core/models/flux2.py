@@ -27,7 +27,7 @@ from typing import Mapping
 import torch
 
 from ..errors import TrainerInputError
-from .flux import BFL_PREFIX, CONFIG_DIR, Source, TensorReader, open_safetensors
+from .flux import BFL_PREFIX, CONFIG_DIR, Source, TensorReader, _empty_model, _stream, open_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,9 @@ def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
-def _convert(src: TensorReader, entries: list[_Entry], bfl: bool, dtype, device) -> dict[str, torch.Tensor]:
+def _convert(src: TensorReader, entries: list[_Entry], bfl: bool, dtype, device, copy: bool = False
+             ) -> dict[str, torch.Tensor]:
+    """``copy``: always into new memory (a tensor read from a file is a view of its mapping otherwise)."""
     out = {}
     for e in entries:
         if bfl:
@@ -315,7 +317,7 @@ def _convert(src: TensorReader, entries: list[_Entry], bfl: bool, dtype, device)
                 tensor = _swap_halves(tensor)
         else:
             tensor = src.get(e.diffusers_key)
-        out[e.diffusers_key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        out[e.diffusers_key] = tensor.to(device=device, dtype=dtype or tensor.dtype, copy=copy)
     return out
 
 
@@ -369,21 +371,6 @@ def diffusers_module_to_bfl(name: str, inner_dim: int) -> tuple[str, slice | Non
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
-def _build(config: dict, sd: dict[str, torch.Tensor], name: str):
-    from accelerate import init_empty_weights
-    from diffusers import Flux2Transformer2DModel
-
-    with init_empty_weights():
-        model = Flux2Transformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    expected = model.state_dict()
-    for key, tensor in sd.items():
-        if tuple(expected[key].shape) != tuple(tensor.shape):
-            raise _not_flux2(name, sd.keys(), f"'{key}' has shape {tuple(tensor.shape)}, expected "
-                                              f"{tuple(expected[key].shape)}")
-    model.load_state_dict(sd, strict=True, assign=True)  # adopt the tensors: no second copy of the weights
-    return model.eval()
-
-
 def _load_folder(folder: Path, dtype: torch.dtype, device):
     from diffusers import Flux2Transformer2DModel
 
@@ -414,25 +401,51 @@ def check_flux2_transformer(path: Path) -> None:
         _infer(TensorReader.from_file(handle, path))
 
 
-def load_flux2_transformer(source: Source, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+def load_flux2_transformer(source: Source, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                           base_precision: str | None = None):
     """Load a FLUX.2 ``Flux2Transformer2DModel`` from a BFL or diffusers ``.safetensors`` file (bf16, fp16, fp8 or
     per-tensor scaled fp8; optional ``model.diffusion_model.`` prefix), a diffusers folder, or a state dict.
-    Never contacts a hub; width, depth, head size, context width and guidance are read from the tensor shapes."""
+    Never contacts a hub; width, depth, head size, context width and guidance are read from the tensor shapes.
+
+    With ``base_precision`` (``memory.base_precision``: fp8, nf4, int8, …) files and state dicts stream tensor by
+    tensor to it (``flux._stream``): the model is never whole in ``dtype`` on the way. A state dict's tensors already
+    in ``dtype`` on ``device`` (``device=None``: wherever each one is) become the parameters without a copy.
+    """
     if isinstance(source, Mapping):
         src = TensorReader.from_dict(source)
         entries, config, bfl = _infer(src)
-        return _build(config, _convert(src, entries, bfl, dtype, device), src.name)
+        return _stream(_empty_model(config), entries, lambda group: _convert(src, group, bfl, dtype, device),
+                       src.name, dtype, base_precision, _not_flux2)
     path = Path(source).expanduser()
     if path.is_dir():
         return _load_folder(path, dtype, device)
     with open_safetensors(path, "FLUX.2 transformer file") as handle:
-        src = TensorReader.from_file(handle, path, prefix=BFL_PREFIX)
-        entries, config, bfl = _infer(src)
-        sd = _convert(src, entries, bfl, dtype, device)
-    log.info("loaded FLUX.2 transformer %s: %d double + %d single blocks, width %d", path.name,
+        entries, config, bfl = _infer(TensorReader.from_file(handle, path, prefix=BFL_PREFIX))
+
+    def read(group: list[_Entry]) -> dict[str, torch.Tensor]:
+        # Opened per module: closing the file unmaps the pages just read (flux.load_flux_transformer says why).
+        with open_safetensors(path, "FLUX.2 transformer file") as handle:
+            return _convert(TensorReader.from_file(handle, path, prefix=BFL_PREFIX), group, bfl, dtype, device,
+                            copy=True)
+
+    model = _stream(_empty_model(config), entries, read, str(path), dtype, base_precision, _not_flux2)
+    log.info("loaded FLUX.2 transformer %s: %d double + %d single blocks, width %d%s", path.name,
              config["num_layers"], config["num_single_layers"],
-             config["num_attention_heads"] * config["attention_head_dim"])
-    return _build(config, sd, str(path))
+             config["num_attention_heads"] * config["attention_head_dim"],
+             f", block weights streamed to {base_precision}" if base_precision else "")
+    return model
+
+
+def flux2_file_config(source: Source) -> dict:
+    """The diffusers config of a FLUX.2 file, state dict or folder, read from shapes (no weights loaded)."""
+    if isinstance(source, Mapping):
+        return _infer(TensorReader.from_dict(source))[1]
+    path = Path(source).expanduser()
+    if path.is_dir():
+        config_path = path / "config.json" if (path / "config.json").is_file() else path / "transformer" / "config.json"
+        return json.loads(config_path.read_text(encoding="utf-8"))
+    with open_safetensors(path, "FLUX.2 transformer file") as handle:
+        return _infer(TensorReader.from_file(handle, path, prefix=BFL_PREFIX))[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
