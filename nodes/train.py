@@ -114,6 +114,7 @@ class FluxLoraTrain:
         from ..trainer_core.lora import read_lora_file
         from ..trainer_core.models.flux import load_flux_transformer
         from ..trainer_core.train import train_lora
+        from .memory import host_preflight
 
         _check_cache(cache)
         variant = bridge.flux_variant(model)
@@ -132,6 +133,7 @@ class FluxLoraTrain:
         bridge.free_vram()
         dtype = DTYPES[dtype_name]
         text_encoder = _training_text_encoder(clip, lora_cfg, train_cfg, dtype)
+        host_preflight(model, memory, cache.cache, lora_cfg, train_cfg, device)
         # device=None: the trainer's base weights are the MODEL's own tensors where ComfyUI keeps them, not copies
         transformer = load_flux_transformer(bridge.flux_state_dict(model, dtype), dtype=dtype, device=None)
         decoder = bridge.ComfyImageEncoder(cache.vae).decode if validation and cache.vae is not None else None

@@ -146,8 +146,9 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
         workload = memory.Workload.for_training(model_config, cache.sizes, cache.text(0)[0].shape[0], run.lora,
                                                 run.train)
         mem_cfg, vram = memory.plan_memory(run.memory, workload, device=device)
-        live_bytes = sum(p.numel() * p.element_size() for m in (text_encoder.clip_model, text_encoder.t5_model)
-                         for p in m.parameters()) if live_text else 0
+        # every module the text encoder holds (FLUX.1: CLIP-L + T5; FLUX.2: its one language model)
+        live_bytes = sum(p.numel() * p.element_size() for m in vars(text_encoder).values()
+                         if isinstance(m, torch.nn.Module) for p in m.parameters()) if live_text else 0
         memory.check_host_ram(memory.estimate_host_ram(vram, model_config, mem_cfg,
                                                        compute_dtype=run.train.compute_dtype,
                                                        text_encoder_bytes=live_bytes, text_encoders_live=live_text),

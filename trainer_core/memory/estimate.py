@@ -435,7 +435,8 @@ class HostRamEstimate:
 
     base: int  # the trainer's copy of the frozen base while training: all of it on a CPU run, else swapped blocks
     pinned_blocks: int  # of which swapped blocks in page-locked memory (the only host copy of those blocks)
-    load_peak: int  # while the base loads: final resident base + one block in the compute dtype (streamed)
+    load_peak: int  # while the base loads: final resident base + one block in the compute dtype (streamed); on a
+    # shared base, what is made beside it: copied weights and the plan's storage conversion
     pinned_activations: int  # checkpointed block inputs offloaded to page-locked memory
     training: int  # LoRA, gradients, optimizer state and activations, when training on the CPU
     text_encoders: int  # while caching (and while training when they stay live)
@@ -458,8 +459,10 @@ class HostRamEstimate:
 
     def summary(self) -> str:
         phase, peak = max(self.phases.items(), key=lambda kv: kv[1])
-        if self.shared_base:
+        if self.shared_base and not self.pinned_blocks:
             base = "shared with ComfyUI's MODEL (no copy)"
+        elif self.shared_base:
+            base = f"shared with ComfyUI's MODEL, + {fmt_bytes(self.pinned_blocks)} swapped blocks pinned"
         elif not self.base:
             base = "none (every block moves to the GPU after loading)"
         else:
@@ -467,7 +470,8 @@ class HostRamEstimate:
                                            if self.pinned_blocks else "")
         rows = [
             ("base copy while training", base),
-            ("loading the base (streamed, peak)", fmt_bytes(self.load_peak) if self.load_peak else ""),
+            ("preparing the base (copies and conversions beside ComfyUI's)" if self.shared_base else
+             "loading the base (streamed, peak)", fmt_bytes(self.load_peak) if self.load_peak else ""),
             ("offloaded activations (pinned)", fmt_bytes(self.pinned_activations) if self.pinned_activations else ""),
             ("training on the CPU (LoRA, optimizer, activations)", fmt_bytes(self.training) if self.training else ""),
             ("text encoders" + (" (kept for training)" if self.text_encoders_live else " (while caching)"),
@@ -481,13 +485,15 @@ class HostRamEstimate:
 
 def estimate_host_ram(vram: VramEstimate, model_config: dict | None, mem: MemoryConfig, *, compute_dtype: str = "bf16",
                       text_encoder_bytes: int = 0, text_encoders_live: bool = False,
-                      shared_base: bool = False) -> HostRamEstimate:
+                      shared_base: bool = False, copied_base_bytes: int = 0) -> HostRamEstimate:
     """Host RAM of the plan ``vram`` was estimated for (its ``device_type`` says where training runs).
 
     ``text_encoder_bytes``: the loaded text encoders (and VAE) — held while caching, and throughout when
     ``text_encoders_live`` (text-encoder LoRA, shuffled tags); ``shared_base``: the trainer works on tensors
-    someone else already holds (ComfyUI's MODEL), so the base costs nothing extra. The latent cache is read
-    from disk one batch at a time and is not counted.
+    someone else already holds (ComfyUI's MODEL in host RAM), so the base itself costs nothing extra — only
+    ``copied_base_bytes`` (the weights it had to copy: LoRA-patched, quantized or in another dtype), the block
+    linears converted to another storage precision while the plan is applied (before they move to the GPU), and
+    the swapped blocks' pinned packs. The latent cache is read from disk one batch at a time and is not counted.
     """
     model = _meta_model(model_config)
     cb = DTYPE_BYTES[compute_dtype]
@@ -506,8 +512,16 @@ def estimate_host_ram(vram: VramEstimate, model_config: dict | None, mem: Memory
     biggest_block = max(block_bytes(b, "auto", cb) for b in blocks)
     notes = []
     if shared_base:
-        base = load_peak = pinned = 0
-        notes.append("the base is ComfyUI's own copy; training adds no second one")
+        # Converting to another storage precision makes new tensors beside ComfyUI's (a copied weight is replaced by
+        # its conversion instead, so only the shared share adds); they leave host RAM as they move to the GPU.
+        in_compute = outside + sum(block_bytes(b, "auto", cb) for b in blocks)
+        converts = block_bytes(blocks[0], mem.base_precision, cb) != block_bytes(blocks[0], "auto", cb)
+        shared_share = max(0.0, 1.0 - copied_base_bytes / in_compute)
+        load_peak = int(copied_base_bytes + (sum(stored) * shared_share if converts else 0))
+        base = load_peak if on_cpu else pinned  # on a GPU only the swapped blocks' pinned packs stay
+        notes.append("the base is ComfyUI's own copy; training adds no second one"
+                     + (f" (it copies {fmt_bytes(copied_base_bytes)} of LoRA-patched, quantized or other-dtype "
+                        "weights)" if copied_base_bytes else ""))
     else:
         base = vram.weights + pinned if on_cpu else pinned
         load_peak = whole + biggest_block

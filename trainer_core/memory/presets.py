@@ -229,7 +229,10 @@ def check_host_ram(estimate: HostRamEstimate, mem: MemoryConfig, available: int 
     if need <= available:
         return
     knobs = []
-    if estimate.phases["loading the base"] >= estimate.phases["training"] or estimate.training:
+    if estimate.shared_base and estimate.load_peak and mem.base_precision not in ("auto", "bf16", "fp32"):
+        # a base shared with ComfyUI: converting it is what costs RAM, not its precision
+        knobs.append('memory.base_precision = "auto" (trains on ComfyUI\'s weights as loaded, converting none)')
+    elif estimate.phases["loading the base"] >= estimate.phases["training"] or estimate.training:
         if mem.base_precision in ("auto", "bf16", "fp32"):
             knobs.append('memory.base_precision = "fp8" (or "nf4")')
         elif mem.base_precision == "fp8":
