@@ -244,6 +244,7 @@ def simulate(model_config: dict, mem, *, resolution: int | tuple[int, int] = 102
 
 @dataclasses.dataclass
 class Row:
+    model: str
     preset: str
     resolution: int
     knobs: str
@@ -260,34 +261,43 @@ class Row:
         return self.estimate / (self.simulated + self.allowance)
 
 
-def dry_run_row(preset: str, resolution: int, model_config: dict | None = None) -> Row:
+def model_config(name: str) -> dict:
+    """The full-size config of a shipped model name (flux1-dev, flux2-klein-4b, …)."""
+    from trainer_core.models.flux import FLUX_CONFIGS, flux_config
+    from trainer_core.models.flux2 import flux2_config
+
+    return flux_config(name) if name in FLUX_CONFIGS else flux2_config(name)
+
+
+def dry_run_row(preset: str, resolution: int, model: str = "flux1-dev") -> Row:
     from trainer_core import memory
     from trainer_core.memory.estimate import _OFFLOAD_IN_FLIGHT
-    from trainer_core.models.flux import flux_config
 
-    model_config = model_config or flux_config("flux1-dev")
-    mem = memory.resolve_preset(preset)
+    config = model_config(model)
+    workload = memory.Workload(config, resolution, 1, 16, "attention", "adamw", 512)
+    mem = memory.resolve_preset(preset, workload=workload)  # the tier as sized for this model
     batch = mem.batch_size or 1
-    workload = memory.Workload(model_config, resolution, batch, 16, "attention", mem.optimizer or "adamw", 512)
+    workload = dataclasses.replace(workload, batch_size=batch, optimizer=mem.optimizer or "adamw")
     est_cuda = workload.estimate(mem)
     est = dataclasses.replace(workload, device_type="cpu").estimate(mem)
-    sim = simulate(model_config, mem, resolution=resolution, batch_size=batch, optimizer=mem.optimizer or "adamw")
+    sim = simulate(config, mem, resolution=resolution, batch_size=batch, optimizer=mem.optimizer or "adamw")
     allowance = 0
     if mem.offload_activations and mem.gradient_checkpointing:
-        allowance = int(_OFFLOAD_IN_FLIGHT * batch * est.tokens * 3072 * 2)
-    host = memory.estimate_host_ram(est_cuda, model_config, mem)
+        width = config["num_attention_heads"] * config["attention_head_dim"]
+        allowance = int(_OFFLOAD_IN_FLIGHT * batch * est.tokens * width * 2)
+    host = memory.estimate_host_ram(est_cuda, config, mem)
     from bench.workloads import _knobs
 
-    return Row(preset, resolution, _knobs(mem), sim.peak, est.total, est_cuda.total, allowance, sim.host_peak,
-               host.pinned_blocks + host.pinned_activations, sim.seconds)
+    return Row(model, preset, resolution, _knobs(mem), sim.peak, est.total, est_cuda.total, allowance,
+               sim.host_peak, host.pinned_blocks + host.pinned_activations, sim.seconds)
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| preset | res | knobs | simulated peak GiB | estimate GiB (CPU kernels) | allowance GiB | "
+    lines = ["| model | preset | res | knobs | simulated peak GiB | estimate GiB (CPU kernels) | allowance GiB | "
              "estimate GiB as printed on CUDA | host simulated / estimated GiB | sim s | ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.preset} | {r.resolution}² | {r.knobs} | {r.simulated / GiB:.2f} | {r.estimate / GiB:.2f} | "
+        lines.append(f"| {r.model} | {r.preset} | {r.resolution}² | {r.knobs} | {r.simulated / GiB:.2f} | {r.estimate / GiB:.2f} | "
                      f"{r.allowance / GiB:.2f} | {r.estimate_cuda / GiB:.2f} | {r.host_simulated / GiB:.2f} / "
                      f"{r.host_estimate / GiB:.2f} | {r.seconds:.0f} | estimate/simulated = {r.ratio:.3f} |")
     return "\n".join(lines)

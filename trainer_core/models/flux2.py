@@ -160,6 +160,77 @@ ACTIVATION_COEFFS = {  # (S_double, S_single, P_double, P_single, Q_double, Q_si
 FROZEN_COEFFS = (19.1, 20.1, 26.4, 39.3, 5.0, 18.2)  # a block without LoRA whose input still needs its gradient
 
 
+# Memory tiers per model size: the same names as FLUX.1's (memory/presets.py), each the plan for a card of that size
+# at 1024² (rank 16, attention targets, 512 text tokens) with 1 GiB left for the CUDA context and what the card
+# keeps, after the fit check's 10 % + 256 MiB margin. Found by searching the estimator's plans (base precision,
+# swapped blocks, checkpointed blocks, activation offload, optimizer) for the lowest step-time floor at 25 GB/s
+# host→device and 165 TFLOP/s; among plans within 10 % of it, the one whose transfers hide behind the compute
+# (≤ half its time), then an fp8/bf16 base over nf4, then the fewest bytes moved. Estimated peaks at 1024² / 512²:
+#
+# | tier | klein-4B                    | klein-9B                                 | dev                                     |
+# |------|-----------------------------|------------------------------------------|-----------------------------------------|
+# | 8gb  | fp8, ckpt 24/25: 5.9 / 4.8  | fp8, swap 23, act→host: 6.0 / 5.0        | nf4, swap 56, act→host, adamw8bit: 6.2 / 4.6 |
+# | 12gb | fp8, ckpt 18/25: 9.4 / 6.0  | fp8, swap 8, act→host, adamw8bit: 9.7 / 8.7 | fp8, swap 52, act→host, adamw8bit: 9.3 / 7.8 |
+# | 16gb | fp8, ckpt 12/25: 12.9 / 7.1 | fp8, ckpt 30/32: 12.7 / 10.6             | fp8, swap 45, act→host, adamw8bit: 13.0 / 11.5 |
+# | 24gb | bf16, ckpt 5/25: 20.3 / 11.8 | fp8, ckpt 20/32: 20.6 / 13.2            | fp8, swap 31, act→host, adamw8bit: 20.3 / 18.8 |
+# | 48gb | bf16, no ckpt: 22.6 / 12.5  | bf16, ckpt 1/32: 42.1 / 25.6             | fp8, ckpt 51/56: 42.1 / 35.6            |
+# | 80gb | bf16, no ckpt, batch 2: 37.7 / 17.6 | bf16, no ckpt, batch 2: 68.1 / 34.2 | fp8, ckpt 26/56: 71.5 / 45.4           |
+#
+# (GiB; "ckpt n/N": n of the N blocks checkpointed, the last ones keep their activations; 48gb and 80gb also compile
+# the blocks, as FLUX.1's do.) FLUX.2 dev at 1024² does not quite fit an 8 GB card by this estimate (6.2 GiB + the
+# margin = 7.03 GiB; its fused single-block projection alone is 0.7 GB in bf16 while it computes): its 8gb tier is
+# the most frugal plan there is, and fits at 512².
+
+def _tier(base_precision: str, *, swap: int = 0, keep: int = 0, offload: bool = False, checkpointing: bool = True,
+          optimizer: str = "adamw", compile_blocks: bool = False, batch: int = 1) -> dict:
+    """MemoryConfig knobs of one tier; ``keep``: blocks (the last ones) that keep their activations."""
+    return dict(base_precision=base_precision, blocks_to_swap=swap, gradient_checkpointing=checkpointing,
+                uncheckpointed_blocks=keep, offload_activations=offload, compile_blocks=compile_blocks,
+                batch_size=batch, optimizer=optimizer)
+
+
+MEMORY_PRESETS: dict[str, dict[str, dict]] = {
+    "flux2-klein-4b": {
+        "8gb": _tier("fp8", keep=1),
+        "12gb": _tier("fp8", keep=7),
+        "16gb": _tier("fp8", keep=13),
+        "24gb": _tier("bf16", keep=20),
+        "48gb": _tier("bf16", checkpointing=False, compile_blocks=True),
+        "80gb": _tier("bf16", checkpointing=False, compile_blocks=True, batch=2),
+    },
+    "flux2-klein-9b": {
+        "8gb": _tier("fp8", swap=23, offload=True),
+        "12gb": _tier("fp8", swap=8, offload=True, optimizer="adamw8bit"),
+        "16gb": _tier("fp8", keep=2),
+        "24gb": _tier("fp8", keep=12),
+        "48gb": _tier("bf16", keep=31, compile_blocks=True),
+        "80gb": _tier("bf16", checkpointing=False, compile_blocks=True, batch=2),
+    },
+    "flux2-dev": {
+        "8gb": _tier("nf4", swap=56, offload=True, optimizer="adamw8bit"),
+        "12gb": _tier("fp8", swap=52, offload=True, optimizer="adamw8bit"),
+        "16gb": _tier("fp8", swap=45, offload=True, optimizer="adamw8bit"),
+        "24gb": _tier("fp8", swap=31, offload=True, optimizer="adamw8bit"),
+        "48gb": _tier("fp8", keep=5, compile_blocks=True),
+        "80gb": _tier("fp8", keep=30, compile_blocks=True),
+    },
+}
+
+
+def _size(config: Mapping) -> tuple[int, int]:
+    return config["num_attention_heads"] * config["attention_head_dim"], config["num_layers"] + config["num_single_layers"]
+
+
+def memory_presets(config: Mapping) -> dict[str, dict]:
+    """The tiers of the shipped model this ``config`` is (by width and depth); for another size (a pruned or a
+    tiny model) those of the largest shipped model no wider than it, klein-4B's for anything narrower."""
+    width, depth = _size(config)
+    shipped = sorted(CONFIG_NAMES, key=lambda name: _size(flux2_config(name)))
+    exact = [name for name in shipped if _size(flux2_config(name)) == (width, depth)]
+    narrower = [name for name in shipped if _size(flux2_config(name))[0] <= width]
+    return MEMORY_PRESETS[(exact or narrower or shipped[:1])[-1]]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # BFL ⇄ diffusers: diffusers module → (BFL module, part of a fused qkv or None). Every parameter is a weight
 # (FLUX.2 has no biases); RMSNorm weights are BFL ``scale``; norm_out.linear's shift/scale halves are swapped.
