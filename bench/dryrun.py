@@ -1,7 +1,7 @@
 """Full-size dry run on the CPU: ``python -m bench dryrun``.
 
-Builds FLUX.1-dev (or any config) on PyTorch's meta device — shapes and dtypes, no weights, no GPU — applies a
-memory preset with the trainer's own calls (``memory.prepare_base``, ``lora.add_lora``,
+Builds FLUX.1-dev and FLUX.2 klein-4B, klein-9B and dev (or any config of either family) on PyTorch's meta
+device — shapes and dtypes, no weights, no GPU — applies a memory preset with the trainer's own calls (``memory.prepare_base``, ``lora.add_lora``,
 ``memory.prepare_training``: storage precision, LoRA targets and dtype, block-swap ring, re-entrant
 checkpointing, activation offload), runs one forward + backward + optimizer step, and counts the bytes of
 every tensor alive at each moment with a ``TorchDispatchMode``: the peak of those that would live on the
@@ -315,30 +315,51 @@ def write_results(text: str, mark: str = MARK) -> None:
     tmp.replace(RESULTS)
 
 
+MODELS = ("flux1-dev", "flux2-klein-4b", "flux2-klein-9b", "flux2-dev")
+# A FLUX.2 row takes 20–30 s on 2 cores, so by default each FLUX.2 model runs two of its tiers (every FLUX.1 tier still
+# runs): its headline tier (klein-4B in 8 GB, klein-9B in 12 GB, dev in 24 GB) and one that covers the mechanisms the
+# first does not — together every base precision (bf16, fp8, nf4), block swap, activation offload, partial and no
+# checkpointing, batch 2 and both optimizers. ``--presets all`` runs every tier of every model (RESULTS.md).
+QUICK_PRESETS = {"flux2-klein-4b": ("8gb", "80gb"), "flux2-klein-9b": ("12gb", "48gb"), "flux2-dev": ("24gb", "8gb")}
+
+
 def main(argv=None) -> int:
     from trainer_core.memory import PRESET_TABLE
 
     parser = argparse.ArgumentParser(prog="python -m bench dryrun", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", nargs="*", default=list(PRESET_TABLE))
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--presets", nargs="*", default=None,
+                        help="tiers to run for every model, or 'all' (default: every FLUX.1 tier and two per FLUX.2 "
+                             "model)")
     parser.add_argument("--resolutions", nargs="*", type=int, default=[512, 1024])
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     rows = []
-    for preset in args.presets:
-        for res in args.resolutions:
-            rows.append(dry_run_row(preset, res))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    for model in args.models:
+        if args.presets in (None, ["all"]):
+            presets = QUICK_PRESETS[model] if args.presets is None and model in QUICK_PRESETS else list(PRESET_TABLE)
+        else:
+            presets = args.presets
+        for preset in presets:
+            for res in args.resolutions:
+                rows.append(dry_run_row(preset, res, model))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
     worst = max(abs(r.ratio - 1) for r in rows)
-    text = (f"## Dry run: full-size FLUX.1-dev on the meta device, every preset\n\n"
-            f"Date: {datetime.datetime.now().isoformat(timespec='minutes')}; command: `python -m bench dryrun`; "
-            f"rank 16, attention targets, 512 text tokens, one forward + backward + optimizer step.\n\n"
-            f"{table(rows)}\n\nWorst |estimate/simulated − 1| = {worst:.1%} (goal ≤ 10 %). The simulation runs "
-            "CPU/composite kernels (RMSNorm keeps an fp32 copy; attention is the flash kernel's), so the ratio uses the "
-            "estimator's figure for those kernels; the CUDA column is what the plan prints on a GPU (fused RMSNorm: "
-            "2 u per block less; + 64 MiB of kernel workspaces). Allowance: the offloader's device copies fetched "
-            "ahead of the backward pass, which only exist on CUDA. Not simulated, and outside both figures: the CUDA "
-            "context (≈ 300–600 MiB) and allocator fragmentation — the fit check keeps 10 % + 256 MiB free for them. "
-            "Host: the swap ring's packed blocks and offloaded activations (estimate_host_ram's pinned rows).\n")
+    command = "python -m bench dryrun" + (f" --presets {' '.join(args.presets)}" if args.presets else "")
+    text = (f"## Dry run: full-size transformers on the meta device\n\n"
+            f"Date: {datetime.datetime.now().isoformat(timespec='minutes')}; command: `{command}`; models: "
+            f"{', '.join(args.models)}; each model's own tiers (FLUX.2's are sized per model, see "
+            "trainer_core/models/flux2.py); rank 16, attention targets, 512 text tokens, one forward + backward + "
+            f"optimizer step.\n\n{table(rows)}\n\nWorst |estimate/simulated − 1| = {worst:.1%} (goal ≤ 10 %). The "
+            "simulation runs CPU/composite kernels (RMSNorm keeps an fp32 copy; attention is the flash kernel's), so "
+            "the ratio uses the estimator's figure for those kernels; the CUDA column is what the plan prints on a GPU "
+            "(fused RMSNorm: 2 u per block less; + 64 MiB of kernel workspaces). Allowance: the offloader's device "
+            "copies fetched ahead of the backward pass, which only exist on CUDA. Not simulated, and outside both "
+            "figures: the CUDA context (≈ 300–600 MiB) and allocator fragmentation — the fit check keeps 10 % + 256 MiB "
+            "free for them, and every tier is sized to fit its card with 1 GiB more left. The one simulated step has "
+            "no optimizer state during its backward pass; the estimate counts it (every later step has it), which is "
+            "most of the ratio's excess on the small tiers. Host: the swap ring's packed blocks and offloaded "
+            "activations (estimate_host_ram's pinned rows).\n")
     print(text)
     if not args.no_write:
         write_results(text)
