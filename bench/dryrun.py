@@ -22,7 +22,10 @@ What the simulation does not see, and how the estimator budgets for it:
   ``_OFFLOAD_IN_FLIGHT`` allowance (3 u), reported as the row's allowance;
 * ``torch.compile`` (48gb/80gb tiers): not applied in the dry run; the estimate does not count on it either;
 * 8-bit optimizer states: bitsandbytes kernels do not run on meta tensors; a stand-in allocates the same
-  states (two uint8 moments + an fp32 absmax per 256 values) at the first step.
+  states (two uint8 moments + an fp32 absmax per 256 values) at the first step;
+* nf4 bases (FLUX.2 dev's 8gb tier): likewise, a stand-in layer holds bitsandbytes' nf4 layout (4-bit codes, 8-bit
+  absmax per 64, fp32 per 256 of those; not its two small code tables) and dequantises to the compute dtype for
+  each matmul, forward and backward, as ``Linear4bit`` does. int8 bases are not simulated (no tier uses them).
 """
 
 from __future__ import annotations
@@ -121,6 +124,61 @@ class _EightBitStandIn(torch.optim.Optimizer):
                                        for _ in range(self.moments)]
 
 
+class _PackedLinear(torch.nn.Linear):
+    """bitsandbytes' nf4 layout for meta tensors (whose values its kernels cannot quantize): 4-bit codes, an 8-bit
+    absmax per 64 values and an fp32 one per 256 of those, dequantised to the input's dtype for the matmul and again
+    for the backward pass — what ``Linear4bit``'s autograd function keeps and allocates. A Linear to peft, which
+    wraps it like any other."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        n, device = linear.weight.numel(), linear.weight.device
+        blocks = -(-n // 64)
+        self.weight = torch.nn.Parameter(torch.empty(-(-n // 2), 1, dtype=torch.uint8, device=device),
+                                         requires_grad=False)
+        self.bias = None
+        self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax_scale", torch.empty(-(-blocks // 256), dtype=torch.float32, device=device))
+
+    def forward(self, x):
+        return _Dequantized.apply(x, self.weight, self.out_features, self.in_features)
+
+
+class _Dequantized(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, packed, rows, cols):
+        ctx.save_for_backward(packed)
+        ctx.shape = (rows, cols)
+        return torch.nn.functional.linear(x, torch.empty(rows, cols, dtype=x.dtype, device=x.device))
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device)
+        return grad.matmul(weight), None, None, None
+
+
+@contextlib.contextmanager
+def _nf4_stand_in():
+    """``memory.prepare_base`` quantizes block linears to nf4 with :class:`_PackedLinear` instead of bitsandbytes."""
+    from trainer_core.memory import precision
+
+    def quantize(transformer, precision_name, compute_dtype, blocks=None, only=None):
+        count = 0
+        for parent, attr, linear in list(precision._block_linears(transformer, blocks, only)):
+            if type(linear) in (torch.nn.Linear, precision.CastLinear):
+                setattr(parent, attr, _PackedLinear(linear))
+                count += 1
+        return count
+
+    real = precision.quantize_block_linears
+    precision.quantize_block_linears = quantize
+    try:
+        yield
+    finally:
+        precision.quantize_block_linears = real
+
+
 def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """The flash kernel's own meta implementation (saves q, k, v, output and log-sum-exp, as on the GPU)."""
     if attn_mask is not None or dropout_p or enable_gqa:
@@ -199,8 +257,11 @@ def simulate(model_config: dict, mem, *, resolution: int | tuple[int, int] = 102
             alter_model(model)
         for t in list(model.parameters()) + list(model.buffers()):
             tracker.track(t)
+        if mem.base_precision == "int8":
+            raise DryRunError("int8 bases are not simulated (no meta stand-in for bitsandbytes' int8 layers)")
         with tracker, _attention(fused_attention):
-            memory.prepare_base(model, mem, dtype)
+            with _nf4_stand_in():
+                memory.prepare_base(model, mem, dtype)
             lora.add_lora(model, LoraConfig(rank=rank, alpha=rank, targets=targets))
             handle = memory.prepare_training(model, mem, "meta")
             lora.cast_adapter_parameters(model, memory.DTYPES[mem.lora_dtype])

@@ -102,3 +102,18 @@ def test_a_mis_shaped_flux2_block_is_found_by_name():
     with pytest.raises(DryRunError, match=r"single_transformer_blocks\.3"):
         simulate(_flux2_small("klein"), MemoryConfig(gradient_checkpointing=True), resolution=256, text_tokens=64,
                  alter_model=break_block)
+
+
+def test_an_nf4_base_is_simulated_with_bitsandbytes_layout():
+    """nf4 (FLUX.2 dev's 8gb tier) runs through a meta stand-in of bitsandbytes' layout: its weights weigh what the
+    estimator says nf4 weighs, and the peak agrees with the estimate."""
+    config = _flux2_small("dev")
+    mem = MemoryConfig(base_precision="nf4", gradient_checkpointing=True, blocks_to_swap=4)
+    sim = simulate(config, mem, resolution=RES, text_tokens=TEXT, rank=4)
+    est = estimate_vram(config, mem, resolution=RES, text_tokens=TEXT, device_type="cpu", rank=4)
+    bf16 = estimate_vram(config, MemoryConfig(gradient_checkpointing=True, blocks_to_swap=4), resolution=RES,
+                         text_tokens=TEXT, device_type="cpu", rank=4)
+    assert est.weights < 0.6 * bf16.weights
+    assert 0.9 < est.total / sim.peak < 1.1, (est.total, sim.peak)
+    host = estimate_host_ram(estimate_vram(config, mem, resolution=RES, text_tokens=TEXT, rank=4), config, mem)
+    assert sim.host_peak == pytest.approx(host.pinned_blocks, rel=0.02)
