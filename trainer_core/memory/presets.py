@@ -13,7 +13,9 @@ tokens) on a card of that size, leaving room for the CUDA context and allocator 
 | 48gb | bf16 | 0              | 13 (last 44 keep theirs) | GPU       | yes     | 1     | adamw     | 37.7 / 27.6 GiB     |
 | 80gb | bf16 | 0              | none                   | GPU         | yes     | 2     | adamw     | 61.6 / 35.5 GiB     |
 
-LoRA master weights are fp32 in every tier. ``auto`` takes the largest tier whose estimate fits the free
+These are FLUX.1's tiers. Other families size the same tier names for their models (``ModelFamily.memory_presets``;
+FLUX.2 klein-4B, klein-9B and dev each have their own, see ``models/flux2.py``): a tier names the card, and the plan
+that fits it depends on the model. LoRA master weights are fp32 in every tier. ``auto`` takes the largest tier whose estimate fits the free
 VRAM (or ``vram_budget_gb``) for the actual resolution, batch, rank and targets; for a tier that swaps blocks
 it then takes the same tier with an nf4 base and the fewest swapped blocks that fit instead, when that plan's
 step-time floor (transfers at ``H2D_GB_PER_S`` vs FLOPs at ``GPU_TFLOPS``, see ``VramEstimate.bound``) is lower.
