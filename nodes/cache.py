@@ -22,6 +22,7 @@ class TrainingData:
     vae: Any = None
     trigger_word: str = ""
     resolutions: list[int] = field(default_factory=list)
+    family: Any = None  # trainer_core ModelFamily the latents are for (read from the VAE)
 
     def __repr__(self) -> str:
         return f"TrainingData({len(self.cache)} items, {len(self.prompts)} validation prompts)"
@@ -45,9 +46,12 @@ class FluxLoraCache:
         return {
             "required": {
                 "dataset": ("FLUX_LORA_DATASET", {"tooltip": "From FLUX LoRA Dataset."}),
-                "vae": ("VAE", {"tooltip": "The FLUX.1 VAE (ae.safetensors) from Load VAE."}),
-                "clip": ("CLIP", {"tooltip": "FLUX.1's text encoders from DualCLIPLoader (clip_l + t5xxl, type "
-                                             "flux). Any CLIP whose conditioning has pooled_output works."}),
+                "vae": ("VAE", {"tooltip": "The VAE of the model you train, from Load VAE: FLUX.1's "
+                                           "ae.safetensors or FLUX.2's flux2-vae.safetensors (the family is "
+                                           "read from it)."}),
+                "clip": ("CLIP", {"tooltip": "The model's text encoders: FLUX.1's from DualCLIPLoader (clip_l + "
+                                             "t5xxl, type flux), FLUX.2's from Load CLIP (type flux2: qwen_3_4b "
+                                             "for klein 4B, mistral_3_small for dev)."}),
             },
             "optional": {
                 "validation_prompts": ("STRING", {
@@ -69,7 +73,7 @@ class FluxLoraCache:
         cache_dir = folders[1] / bridge.WORK_FOLDER / "cache"
         make_bar, send_text, _ = bridge.comfy_progress(unique_id)
         image_encoder = bridge.ComfyImageEncoder(vae)
-        text_encoder = bridge.ComfyTextEncoder(clip)
+        text_encoder = bridge.ComfyTextEncoder(clip, image_encoder.family)
         bar = None
 
         def progress(done: int, total: int) -> None:
@@ -86,4 +90,4 @@ class FluxLoraCache:
         send_text(f"{len(cache)} items from {dataset.source}: {cache.reused} cache files reused, "
                   f"{cache.encoded} encoded")
         return (TrainingData(cache, prompts, texts, vae, dataset.config.trigger_word,
-                             list(dataset.config.resolutions)),)
+                             list(dataset.config.resolutions), image_encoder.family),)

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 ALLOW_PATHS_ENV = "FLUX_LORA_TRAINER_ALLOW_PATHS"  # "1": nodes may read any path (see allowed_roots)
 WORK_FOLDER = "flux_lora_training"  # under ComfyUI's output folder: cache/ and checkpoints/
+FLUX2_TEXT_TOKENS = 512  # ComfyUI's model_base.Flux2 front-pads shorter text conditioning to this many tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,18 +186,29 @@ def _patches_summary(patcher) -> list[str]:
 class ComfyImageEncoder:
     """trainer_core ``ImageEncoder`` over a ComfyUI ``VAE`` (VAELoader): [B,3,H,W] 0..1 ⇄ model-space latents.
 
-    ComfyUI's VAE takes and returns IMAGE layout [B,H,W,C] and raw latents (the posterior mean); FLUX trains
-    on ``(z − shift) · scale``.
+    ComfyUI's VAE takes and returns IMAGE layout [B,H,W,C]. The family is read from the VAE's latent channels:
+    FLUX.1's (16 at /8) returns raw latents (the posterior mean), and FLUX trains on ``(z − shift) · scale``;
+    FLUX.2's (128 at /16) already returns the transformer's latents (pixel-shuffled, BatchNorm-normalised).
     """
 
     def __init__(self, vae):
+        from ..trainer_core.models.family import FLUX1, FLUX2
+
         channels = getattr(vae, "latent_channels", None)
         ratio = getattr(vae, "downscale_ratio", None)
-        if channels != LATENT_CHANNELS or ratio != 8:
+        if channels == FLUX2.latent_channels:
+            # ComfyUI's taef2 reports /8 although it encodes to /16: the encoded size is checked in encode()
+            self.family = FLUX2
+        elif channels == LATENT_CHANNELS and ratio == 8:
+            self.family = FLUX1
+        else:
             raise TrainerInputError(
                 f"vae: this VAE has {channels} latent channels and {ratio}× downscaling; FLUX.1 needs its own VAE "
-                f"(16 channels, 8×). Load ae.safetensors with Load VAE."
+                f"(16 channels, 8×: ae.safetensors), FLUX.2 its own (128 channels, 16×: flux2-vae.safetensors). "
+                f"Load the VAE of the model you train with Load VAE."
             )
+        # the cache reads the latent layout from these (trainer_core.data.cache)
+        self.latent_channels, self.latent_downscale = self.family.latent_channels, self.family.latent_downscale
         self.vae = vae
 
     @cached_property
@@ -207,12 +219,21 @@ class ComfyImageEncoder:
     # ComfyUI's models run under inference mode; the trainer calls decode with autograd on (validation samples).
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        z = self.vae.encode(images.movedim(1, -1).float())
-        return to_model_space(z.float().cpu())
+        z = self.vae.encode(images.movedim(1, -1).float()).float().cpu()
+        if self.family.latent_channels != LATENT_CHANNELS:
+            expected = list(self.family.latent_shape(images.shape[-2], images.shape[-1]))
+            if list(z.shape[1:]) != expected:
+                raise TrainerInputError(
+                    f"vae: it encodes a {images.shape[-1]}×{images.shape[-2]} image to latents {list(z.shape[1:])}, "
+                    f"but {self.family.name} trains on {expected}. Load {self.family.name}'s own VAE with Load VAE.")
+            return z
+        return to_model_space(z)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        images = self.vae.decode(from_model_space(latents.float()))
+        latents = latents.float()
+        images = self.vae.decode(from_model_space(latents) if self.family.latent_channels == LATENT_CHANNELS
+                                 else latents)
         return images.float().cpu().movedim(-1, 1).clamp(0, 1)
 
 
@@ -224,26 +245,47 @@ def escape_prompt(text: str) -> str:
 class ComfyTextEncoder:
     """trainer_core ``TextEncoder`` over a ComfyUI ``CLIP``: the same conditioning CLIPTextEncode gives.
 
-    Any CLIP works whose conditioning holds a hidden-state tensor and a ``pooled_output`` (for FLUX.1:
-    DualCLIPLoader type flux → T5-XXL hidden states, CLIP-L pooled).
+    FLUX.1 (``family`` FLUX1): a hidden-state tensor plus a ``pooled_output`` (DualCLIPLoader type flux → T5-XXL
+    hidden states, CLIP-L pooled). FLUX.2 (FLUX2): the stacked hidden states of CLIPLoader type flux2 (Qwen3 /
+    Mistral), no pooled vector; front-padded with zeros to 512 tokens as ComfyUI's ``model_base.Flux2`` pads them
+    before the transformer, so training sees the text as sampling does.
     """
 
-    def __init__(self, clip):
+    def __init__(self, clip, family=None):
+        from ..trainer_core.models.family import FLUX1
+
         self.clip = clip
+        self.family = family or FLUX1
 
     @cached_property
     def identity(self) -> str:
         model = self.clip.cond_stage_model
         extra = [type(model).__name__, type(self.clip.tokenizer).__name__, repr(getattr(self.clip, "layer_idx", None))]
+        if self.family.name != "FLUX.1":  # FLUX.2 entries are padded to 512 tokens: not the FLUX.1 entries of a CLIP
+            extra.append(self.family.name)
         return "comfy-clip:" + fingerprint(model.state_dict(), extra + _patches_summary(self.clip.patcher))
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..trainer_core.models.family import FLUX2
+
         hidden, pooled = [], []
         for caption in captions:
             tokens = self.clip.tokenize(escape_prompt(caption))
             conditioning = self.clip.encode_from_tokens_scheduled(tokens)
             cond, extras = conditioning[0][0], conditioning[0][1]
             vector = extras.get("pooled_output")
+            if self.family is FLUX2:
+                if not torch.is_tensor(cond) or cond.ndim != 3:
+                    raise TrainerInputError(
+                        "clip: this text encoder's conditioning is no sequence of hidden states, which FLUX.2 needs. "
+                        "Load the model's text encoder (klein: qwen_3_4b, dev: mistral_3_small) with Load CLIP, "
+                        "type flux2.")
+                cond = cond[:1].float().cpu()
+                if cond.shape[1] < FLUX2_TEXT_TOKENS:
+                    cond = torch.nn.functional.pad(cond, (0, 0, FLUX2_TEXT_TOKENS - cond.shape[1], 0))
+                hidden.append(cond)
+                pooled.append(torch.zeros(1, 0))
+                continue
             if not torch.is_tensor(cond) or cond.ndim != 3 or not torch.is_tensor(vector):
                 raise TrainerInputError(
                     "clip: this text encoder's conditioning has no hidden states plus pooled_output, which FLUX.1 "
@@ -263,22 +305,36 @@ class ComfyTextEncoder:
 # ---------------------------------------------------------------------------------------------------------------
 # MODEL ⇄ trainer_core
 
-def flux_variant(model) -> str:
-    """"dev" or "schnell" for a FLUX.1 MODEL; a clear TrainerInputError for anything else."""
+def model_family(model):
+    """The trainer_core model family (FLUX.1 or FLUX.2) of a ComfyUI MODEL, from ComfyUI's own model config (its
+    detection of FLUX.2 by ``double_stream_modulation_img.lin.weight``); a clear TrainerInputError for others."""
+    from ..trainer_core.models.family import FLUX1, FLUX2
+
     inner = getattr(model, "model", None)
     unet_config = getattr(getattr(inner, "model_config", None), "unet_config", None) or {}
     image_model = unet_config.get("image_model")
-    if image_model != "flux" or not hasattr(inner, "diffusion_model"):
+    if image_model not in ("flux", "flux2") or not hasattr(inner, "diffusion_model"):
         found = image_model or type(getattr(inner, "diffusion_model", inner)).__name__
         raise TrainerInputError(
-            f"model: this is a '{found}' model, not FLUX.1. Load a FLUX.1 dev or schnell transformer "
-            f"(e.g. flux1-dev.safetensors) with Load Diffusion Model (UNETLoader)."
+            f"model: this is a '{found}' model, not FLUX.1 or FLUX.2. Load a FLUX.1 (dev, schnell) or FLUX.2 "
+            f"(klein base, dev) transformer, e.g. flux1-dev.safetensors or flux-2-klein-base-4b.safetensors, with "
+            f"Load Diffusion Model (UNETLoader)."
         )
-    return "dev" if unet_config.get("guidance_embed") else "schnell"
+    return FLUX2 if image_model == "flux2" else FLUX1
+
+
+def flux_variant(model) -> str:
+    """"dev" or "schnell" for a FLUX.1 MODEL, "dev" or "klein" for FLUX.2 (only dev embeds guidance); a clear
+    TrainerInputError for anything else."""
+    from ..trainer_core.models.family import FLUX2
+
+    family = model_family(model)
+    guidance = model.model.model_config.unet_config.get("guidance_embed")
+    return "dev" if guidance else ("klein" if family is FLUX2 else "schnell")
 
 
 def flux_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The MODEL's FLUX.1 transformer weights in diffusers key names, LoRAs already applied to it merged in.
+    """The MODEL's FLUX.1 or FLUX.2 transformer weights in diffusers key names, LoRAs already applied to it merged in.
 
     ComfyUI's module names are its own and change between releases (0.33.0 made the q/k norms' ``scale`` a
     ``weight``), so they are renamed with ComfyUI's own diffusers key map, ``comfy.utils.flux_to_diffusers``: the
@@ -286,20 +342,51 @@ def flux_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     The tensors are ComfyUI's own, not copies (see :func:`_shared_weights`): the trainer's base weights share
     their memory with the MODEL, fused q/k/v and linear1 split into views by the key map.
     """
-    flux_variant(model)
+    from ..trainer_core.models.family import FLUX2
+
+    family = model_family(model)
     weights = _shared_weights(model, "diffusion_model.", dtype)
     if not weights:
         raise TrainerInputError("model: the MODEL has no diffusion model weights; connect Load Diffusion Model.")
     import comfy.utils
 
-    return diffusers_layout(weights, comfy.utils.flux_to_diffusers(model.model.model_config.unet_config))
+    unet_config = model.model.model_config.unet_config
+    key_map = comfy.utils.flux_to_diffusers(unet_config)
+    if family is FLUX2:
+        key_map = flux2_key_map(key_map, unet_config)
+    return diffusers_layout(weights, key_map, family.name)
+
+
+def flux2_key_map(comfy_map: dict[str, Any], unet_config: dict) -> dict[str, Any]:
+    """{diffusers FLUX.2 name: ComfyUI module name (or fused part)} for ``diffusers_layout``.
+
+    ComfyUI's ``flux_to_diffusers`` names every block weight of FLUX.2 (its fused projections and, in the
+    release's own spelling, the q/k norms) but gives FLUX.1's diffusers names to the embedders and has none for
+    FLUX.2's global modulations. So ComfyUI's entry is taken for each diffusers FLUX.2 weight it names, and the
+    BFL checkpoint name from trainer_core's FLUX.2 layout for the rest (plain weights ComfyUI never renamed).
+    """
+    from ..trainer_core.models import flux2
+
+    out: dict[str, Any] = {}
+    for entry in flux2.bfl_layout(unet_config["depth"], unet_config["depth_single_blocks"],
+                                  bool(unet_config.get("guidance_embed")), unet_config["hidden_size"]):
+        if entry.diffusers_key in comfy_map:
+            out[entry.diffusers_key] = comfy_map[entry.diffusers_key]
+        elif entry.rows is not None:
+            out[entry.diffusers_key] = (entry.bfl_key, (0, entry.rows.start, entry.rows.stop - entry.rows.start))
+        elif entry.swap_halves:
+            out[entry.diffusers_key] = (entry.bfl_key, None, lambda w: torch.cat(w.chunk(2)[::-1]))
+        else:
+            out[entry.diffusers_key] = entry.bfl_key
+    return out
 
 
 # Scales and settings ComfyUI's quantized layers keep beside a weight; _plain has already applied them.
 _QUANT_STATE = re.compile(r"\.(comfy_quant|weight_scale|weight_scale_2|input_scale|scale_weight|scale_input)$")
 
 
-def diffusers_layout(weights: dict[str, torch.Tensor], key_map: dict[str, Any]) -> dict[str, torch.Tensor]:
+def diffusers_layout(weights: dict[str, torch.Tensor], key_map: dict[str, Any],
+                     family_name: str = "FLUX.1") -> dict[str, torch.Tensor]:
     """``weights`` (ComfyUI's FLUX module names) renamed by ``key_map`` ({diffusers name: module name, or
     (module name, (dim, start, length)) for a part of a fused tensor, or (module name, None, function)}).
 
@@ -327,8 +414,8 @@ def diffusers_layout(weights: dict[str, torch.Tensor], key_map: dict[str, Any]) 
         raise TrainerInputError(
             f"model: this ComfyUI's FLUX key map (comfy.utils.flux_to_diffusers) names no diffusers weight for "
             f"{len(unmapped)} of the MODEL's weights, e.g. {', '.join(unmapped[:3])}: this ComfyUI release lays "
-            f"FLUX.1 out in a way the pack does not know yet. Use a ComfyUI release the pack lists as tested, or "
-            f"report the ComfyUI version to the pack.")
+            f"{family_name} out in a way the pack does not know yet. Use a ComfyUI release the pack lists as "
+            f"tested, or report the ComfyUI version to the pack.")
     return out
 
 

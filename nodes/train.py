@@ -1,4 +1,5 @@
-"""FluxLoraTrain: train a LoRA on the given FLUX.1 MODEL → MODEL with it applied, LORA_MODEL, LOSS_MAP, file name."""
+"""FluxLoraTrain: train a LoRA on the given FLUX.1 or FLUX.2 MODEL → MODEL with it applied, LORA_MODEL, LOSS_MAP,
+file name."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from .options import apply_options
 CATEGORY = "FLUX LoRA"
 MAX_STEPS = 1_000_000
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# In-training validation samples: FLUX.1 dev and FLUX.2 dev embed a guidance value; FLUX.2 klein base is undistilled
+# and sampled with real CFG against the empty prompt (the scale diffusers' Flux2KleinPipeline defaults to).
+DEV_GUIDANCE = {"FLUX.1": 3.5, "FLUX.2": 4.0}
+KLEIN_CFG_SCALE = 4.0
 
 
 def configs(rank, alpha, learning_rate, steps, optimizer, timestep_sampling, guidance, seed, checkpoint_every,
@@ -27,7 +32,8 @@ def configs(rank, alpha, learning_rate, steps, optimizer, timestep_sampling, gui
 
 
 class FluxLoraTrain:
-    DESCRIPTION = ("Trains a LoRA on the weights of the connected FLUX.1 MODEL. Shows loss and progress on the node; "
+    DESCRIPTION = ("Trains a LoRA on the weights of the connected FLUX.1 or FLUX.2 MODEL (the family is read from "
+                   "the MODEL). Shows loss and progress on the node; "
                    "Cancel saves a resumable checkpoint. The LoRA goes to output/loras (LoraLoader lists it) and "
                    "comes out applied to the MODEL, ready for KSampler.")
     CATEGORY = CATEGORY
@@ -47,7 +53,8 @@ class FluxLoraTrain:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "FLUX.1 dev or schnell from Load Diffusion Model (UNETLoader); LoRAs "
+                "model": ("MODEL", {"tooltip": "FLUX.1 dev or schnell, or FLUX.2 klein base or dev, from Load "
+                                               "Diffusion Model (UNETLoader); LoRAs "
                                                "already applied to it are merged into the base. Training shares "
                                                "the MODEL's weights in RAM rather than copying them (the MODEL "
                                                "is left unchanged); copied are only the small final modulation layer "
@@ -75,8 +82,8 @@ class FluxLoraTrain:
                     "tooltip": "How noise levels are drawn: flux_shift follows FLUX's resolution-dependent "
                                "schedule; sigmoid/shift/uniform are the other common choices."}),
                 "guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.1,
-                                       "tooltip": "Guidance value fed to FLUX.1 dev while training (1.0 is the "
-                                                  "common choice; ignored by schnell)."}),
+                                       "tooltip": "Guidance value fed to FLUX.1 dev and FLUX.2 dev while training "
+                                                  "(1.0 is the common choice; ignored by schnell and klein)."}),
                 "seed": ("INT", {"default": 42, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
                                  "tooltip": "Seeds LoRA init, noise and data order. Keep it fixed to resume."}),
                 "checkpoint_every": ("INT", {"default": 250, "min": 0, "max": MAX_STEPS,
@@ -95,8 +102,9 @@ class FluxLoraTrain:
                 "memory": ("FLUX_LORA_MEMORY", {"tooltip": "Memory settings (precision, block swap, "
                                                            "checkpointing). Default: bf16 base, everything on the "
                                                            "GPU."}),
-                "clip": ("CLIP", {"tooltip": "FLUX.1's text encoders (DualCLIPLoader, type flux), needed only by "
-                                             "the options shuffle_tags and text_encoders, which encode captions "
+                "clip": ("CLIP", {"tooltip": "The text encoders FLUX LoRA Cache uses (FLUX.1: DualCLIPLoader, type "
+                                             "flux; FLUX.2: Load CLIP, type flux2), needed only by the options "
+                                             "shuffle_tags and text_encoders (FLUX.1 only), which encode captions "
                                              "during training."}),
                 "sample_every": ("INT", {"default": 0, "min": 0, "max": MAX_STEPS,
                                          "tooltip": "Draw a validation sample into the preview every N steps and at "
@@ -112,12 +120,15 @@ class FluxLoraTrain:
 
         from ..trainer_core.fileio import safe_output_name
         from ..trainer_core.lora import read_lora_file
-        from ..trainer_core.models.flux import load_flux_transformer
         from ..trainer_core.train import train_lora
         from .memory import host_preflight
 
         _check_cache(cache)
-        variant = bridge.flux_variant(model)
+        family, variant = bridge.model_family(model), bridge.flux_variant(model)
+        if cache.family is not None and cache.family is not family:
+            raise TrainerInputError(
+                f"cache: FLUX LoRA Cache encoded the images with a {cache.family.name} VAE, but the model is "
+                f"{family.name} {variant}. Connect the VAE and text encoder of the model you train to FLUX LoRA Cache.")
         device = bridge.training_device()
         dtype_name = bridge.compute_dtype_name(device)
         lora_cfg, train_cfg = configs(rank, alpha, learning_rate, steps, optimizer, timestep_sampling, guidance, seed,
@@ -126,16 +137,16 @@ class FluxLoraTrain:
         name = safe_output_name(output_name)
         _, output_dir = bridge.comfy_folders()
         loras_dir = output_dir / "loras"
-        validation = self._validation(cache, sample_every, variant)
+        validation = self._validation(cache, sample_every, variant, family)
 
         make_bar, send_text, check_interrupt = bridge.comfy_progress(unique_id)
         send_text("loading the model for training…")
         bridge.free_vram()
         dtype = DTYPES[dtype_name]
-        text_encoder = _training_text_encoder(clip, lora_cfg, train_cfg, dtype)
+        text_encoder = _training_text_encoder(clip, lora_cfg, train_cfg, dtype, family)
         host_preflight(model, memory, cache.cache, lora_cfg, train_cfg, device)
         # device=None: the trainer's base weights are the MODEL's own tensors where ComfyUI keeps them, not copies
-        transformer = load_flux_transformer(bridge.flux_state_dict(model, dtype), dtype=dtype, device=None)
+        transformer = family.load_transformer(bridge.flux_state_dict(model, dtype), dtype=dtype, device=None)
         decoder = bridge.ComfyImageEncoder(cache.vae).decode if validation and cache.vae is not None else None
         progress = bridge.NodeProgress(make_bar(train_cfg.steps), send_text, check_interrupt, decoder)
         try:
@@ -143,7 +154,7 @@ class FluxLoraTrain:
                 transformer, cache.cache, lora_cfg=lora_cfg, train_cfg=train_cfg, output_dir=loras_dir,
                 output_name=name, mem_cfg=memory, resume=resume,
                 checkpoint_root=output_dir / bridge.WORK_FOLDER / "checkpoints", validation=validation,
-                metadata={"base_model": f"FLUX.1 {variant} (ComfyUI MODEL)", "trigger_word": cache.trigger_word,
+                metadata={"base_model": f"{family.name} {variant} (ComfyUI MODEL)", "trigger_word": cache.trigger_word,
                           "resolutions": ",".join(map(str, cache.resolutions))},
                 callbacks=progress, device=device, text_encoder=text_encoder,
             )
@@ -167,19 +178,24 @@ class FluxLoraTrain:
         return (model_out, lora, {"loss": list(result.losses)}, lora_name, clip_out)
 
     @staticmethod
-    def _validation(cache, sample_every: int, variant: str):
+    def _validation(cache, sample_every: int, variant: str, family=None):
+        from ..trainer_core.models.family import FLUX1
         from ..trainer_core.train import ValidationPrompts
 
+        family = family or FLUX1
         if not sample_every:
             return None
         embeddings = list(cache.prompts) or [cache.cache.text(0)]
         width, height = cache.cache.sizes[0]
+        klein = variant == "klein"
         config = SampleConfig(prompts=list(cache.prompt_texts), every=sample_every, width=width, height=height,
-                              guidance=3.5 if variant == "dev" else 1.0).validate()
-        return ValidationPrompts(embeddings, config)
+                              # for klein the guidance is the CFG scale (trainer_core.train.sample_validation)
+                              guidance=KLEIN_CFG_SCALE if klein else DEV_GUIDANCE[family.name] if variant == "dev"
+                              else 1.0).validate()
+        return ValidationPrompts(embeddings, config, negative=cache.cache.empty_text() if klein else None)
 
 
-def _training_text_encoder(clip, lora_cfg: LoraConfig, train_cfg: TrainConfig, dtype: torch.dtype):
+def _training_text_encoder(clip, lora_cfg: LoraConfig, train_cfg: TrainConfig, dtype: torch.dtype, family=None):
     """The text encoder the options need during training, or None: a trainable copy of FLUX.1's encoders for
     text-encoder LoRAs, else ComfyUI's own CLIP for encoding shuffled captions."""
     if lora_cfg.text_encoders == "none" and not train_cfg.shuffle_tags:
@@ -191,7 +207,11 @@ def _training_text_encoder(clip, lora_cfg: LoraConfig, train_cfg: TrainConfig, d
                                 f"clip input is not connected. Connect the CLIP from DualCLIPLoader (the one FLUX "
                                 f"LoRA Cache uses), or turn the option off in FLUX LoRA Options.")
     if lora_cfg.text_encoders == "none":
-        return bridge.ComfyTextEncoder(clip)
+        return bridge.ComfyTextEncoder(clip, family)
+    if family is not None and family.name != "FLUX.1":
+        raise TrainerInputError(f"options: text_encoders = '{lora_cfg.text_encoders}' trains FLUX.1's CLIP-L / T5; "
+                                f"{family.name} has another text encoder, which the pack does not train yet. Set "
+                                f"text_encoders to 'none' on FLUX LoRA Options.")
     return bridge.flux_text_encoder(clip, dtype, with_t5=lora_cfg.text_encoders != "clip_l" or train_cfg.shuffle_tags)
 
 

@@ -2,14 +2,16 @@
 convert BFL ⇄ diffusers exactly, the family is detected from the weights, and a tiny FLUX.2 trains through
 ``train_lora`` into a LoRA that diffusers' FLUX.2 loaders apply to identical outputs."""
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from trainer_core import flow, lora
-from trainer_core.config import LoraConfig, SampleConfig, TrainConfig
+from trainer_core.config import DatasetConfig, LoraConfig, SampleConfig, TrainConfig
 from trainer_core.data.cache import LatentCache
 from trainer_core.errors import TrainerInputError
 from trainer_core.memory.estimate import estimate_vram
@@ -304,6 +306,7 @@ def test_flux2_trains_end_to_end_and_its_lora_loads_in_diffusers(sample_cache, t
     assert state and all(k.startswith("transformer.") for k in state)
     assert any(".attn.to_qkv_mlp_proj." in k for k in state) and any(".ff.linear_in." in k for k in state)
     assert float(meta["alpha"]) == 4 and int(meta["rank"]) == 8  # alpha/rank is folded into lora_B
+    assert meta["modelspec.architecture"] == f"flux-2-{variant}/lora"
 
     expected = _velocity(model, variant)
     lora_effect = (_velocity(flux2.build_tiny_flux2_transformer(variant, seed=0), variant) - expected).norm()
@@ -352,3 +355,250 @@ def test_flux2_kohya_export_loads_through_diffusers_flux2_converter(tmp_path):
     assert torch.allclose(_velocity(fresh, "klein"), expected, rtol=0, atol=1e-5)
     assert not torch.allclose(_velocity(flux2.build_tiny_flux2_transformer("klein", seed=4), "klein"), expected,
                               atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoders: the FLUX.2 VAE and text conditioning against diffusers' FLUX.2 pipelines
+
+def test_flux2_vae_latents_equal_the_pipeline_encoding_and_a_flux1_vae_is_refused(tmp_path):
+    from diffusers import Flux2KleinPipeline
+
+    from trainer_core.models.encoders import load_vae
+    from trainer_core.models.flux2_encoders import build_tiny_flux2_vae, load_flux2_vae
+    from trainer_core.models.tiny import build_tiny_vae
+
+    vae = build_tiny_flux2_vae(seed=3)
+    images = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(0))
+    ours = vae.encode(images)
+    assert ours.shape == (2, 128, 4, 3)
+    pipe = Flux2KleinPipeline(scheduler=None, vae=vae.vae, text_encoder=None, tokenizer=None, transformer=None)
+    with torch.no_grad():  # what the DreamBooth recipes cache and the pipelines condition on: pixels in −1..1
+        reference = pipe._encode_vae_image(images * 2 - 1, generator=None)
+    assert torch.allclose(ours, reference, rtol=0, atol=1e-6)
+    # normalised by the BatchNorm statistics: not the raw shuffled latents
+    assert not torch.allclose(ours, torch.nn.functional.pixel_unshuffle(
+        vae.vae.encode(images * 2 - 1).latent_dist.mode(), 2), atol=1e-3)
+
+    vae.vae.save_pretrained(tmp_path / "vae")
+    loaded = load_flux2_vae(tmp_path / "vae", dtype=torch.float32)
+    assert torch.equal(loaded.encode(images), ours) and loaded.identity == vae.identity
+    assert loaded.decode(ours).shape == (2, 3, 64, 48)
+    build_tiny_vae(seed=0).vae.save_pretrained(tmp_path / "flux1_vae")
+    with pytest.raises(TrainerInputError, match=r"FLUX\.2 transformer needs the FLUX\.2 VAE.*FLUX\.1 VAE"):
+        load_flux2_vae(tmp_path / "flux1_vae")
+    with pytest.raises(TrainerInputError, match=r"FLUX\.2 VAE, which only FLUX\.2 transformers take; a FLUX\.1"):
+        load_vae(tmp_path / "vae")
+
+
+def _causal_lm(variant, text):
+    """The tiny text model as the pipelines hold it: the ForCausalLM class around the same weights."""
+    from transformers import MistralForCausalLM, Qwen3ForCausalLM
+
+    cls = Qwen3ForCausalLM if variant == "klein" else MistralForCausalLM
+    model = cls(text.model.config).eval()
+    missing, _ = model.load_state_dict({f"model.{k}": v for k, v in text.model.state_dict().items()}, strict=False)
+    assert missing == ["lm_head.weight"]
+    return model
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flux2_text_embeddings_equal_the_pipeline_prompt_encoding(tmp_path, variant):
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline
+
+    from trainer_core.models.flux2_encoders import (TINY_MAX_LENGTH, build_tiny_flux2_text_encoder,
+                                                    load_flux2_text_encoder)
+
+    text = build_tiny_flux2_text_encoder(variant, seed=1)
+    prompts = ["a photo of sks robot on a blue background", "two [IMG] cats"]
+    hidden, pooled = text.encode(prompts)
+    assert hidden.shape == (2, TINY_MAX_LENGTH, _text_width(variant)) and pooled.shape == (2, 0)
+    lm = _causal_lm(variant, text)
+    with torch.no_grad():
+        if variant == "klein":
+            reference = Flux2KleinPipeline._get_qwen3_prompt_embeds(lm, text.tokenizer, prompts,
+                                                                   max_sequence_length=TINY_MAX_LENGTH)
+        else:
+            reference = Flux2Pipeline._get_mistral_3_small_prompt_embeds(lm, text.tokenizer, prompts,
+                                                                         max_sequence_length=TINY_MAX_LENGTH)
+    assert torch.allclose(hidden, reference, rtol=0, atol=1e-6)
+    assert not torch.allclose(hidden[0], hidden[1])
+
+    # from the files users have: a transformers folder (the ForCausalLM checkpoint) with its tokenizer beside it
+    lm.save_pretrained(tmp_path / "text_encoder")
+    text.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    sources = [tmp_path / "text_encoder"]
+    if variant == "klein":  # and ComfyUI's single file (qwen_3_4b layout: model.… keys)
+        save_file({f"model.{k}": v.contiguous() for k, v in text.model.state_dict().items()},
+                  str(tmp_path / "qwen.safetensors"))
+        sources.append(tmp_path / "qwen.safetensors")
+    for source in sources:
+        loaded = load_flux2_text_encoder(source, tmp_path / "tokenizer", TINY_MAX_LENGTH, dtype=torch.float32)
+        assert torch.allclose(loaded.encode(prompts)[0], reference, rtol=0, atol=1e-6), source
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation samples against the pipelines, with a LoRA loaded through load_lora_weights
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flux2_samples_equal_the_pipeline_and_its_lora_loads_through_load_lora_weights(tmp_path, variant):
+    """klein base: real CFG against a negative prompt; dev: its guidance embedding. The same Euler loop, noise and
+    decode give the images Flux2KleinPipeline / Flux2Pipeline give once they load our LoRA file."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
+
+    from trainer_core.models.flux2_encoders import build_tiny_flux2_text_encoder, build_tiny_flux2_vae
+    from trainer_core.train import sample_validation
+
+    model = flux2.build_tiny_flux2_transformer(variant, seed=6)
+    lora.add_lora(model, LoraConfig(rank=4, alpha=2.0, targets="attention+ffs"))
+    with torch.no_grad():  # lora_B starts at zero: give the adapter an effect
+        for param in lora.lora_parameters(model):
+            param.normal_(std=0.05, generator=torch.Generator().manual_seed(param.numel()))
+    path = lora.save_lora(tmp_path / "l.safetensors", model, {}, dtype=None)
+    # alpha/rank is folded into lora_B, and FLUX.2 files leave alpha (= rank) out: load_lora_weights refuses it
+    assert not any(k.endswith(".alpha") for k in lora.read_lora_file(path)[0])
+
+    vae, text = build_tiny_flux2_vae(seed=2), build_tiny_flux2_text_encoder(variant, seed=2)
+    (hidden, negative), pooled = text.encode(["a photo of sks robot", ""])[0], torch.zeros(0)
+    cfg = SampleConfig(steps=3, width=64, height=48, guidance=4.0, seed=9)
+    prompts = ValidationPrompts([(hidden, pooled)], cfg, negative=(negative, pooled))
+    ours = vae.decode(sample_validation(model, prompts, "cpu"))
+    assert FLUX2.real_cfg(model.config) == (variant == "klein")
+
+    noise = torch.randn((1, 128, 3, 4), generator=torch.Generator().manual_seed(cfg.seed))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, time_shift_type="exponential")
+    fresh = flux2.build_tiny_flux2_transformer(variant, seed=6)
+    pipe_cls = Flux2KleinPipeline if variant == "klein" else Flux2Pipeline
+    pipe = pipe_cls(scheduler=scheduler, vae=vae.vae, text_encoder=text.model, tokenizer=text.tokenizer,
+                    transformer=fresh)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path))
+    extra = {"negative_prompt_embeds": negative[None]} if variant == "klein" else {}
+    with torch.no_grad():
+        theirs = pipe(prompt_embeds=hidden[None], guidance_scale=cfg.guidance, num_inference_steps=cfg.steps,
+                      height=cfg.height, width=cfg.width, latents=noise, output_type="pt", **extra).images
+    assert theirs.shape == ours.shape == (1, 3, 48, 64)
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-5)
+    # the comparison can fail: without the guidance (or the LoRA) the images differ
+    unguided = vae.decode(sample_validation(model, ValidationPrompts([(hidden, pooled)], dataclasses.replace(
+        cfg, guidance=1.0), negative=(negative, pooled)), "cpu"))
+    assert not torch.allclose(unguided, theirs, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CLI: train --config with FLUX.2 files
+
+@pytest.fixture(scope="module")
+def tiny_flux2_folder(tmp_path_factory):
+    """``tiny-models --family flux2``: the tiny klein files and their train.toml."""
+    from trainer_core.cli import main
+
+    folder = tmp_path_factory.mktemp("flux2") / "models"
+    assert main(["tiny-models", str(folder), "--family", "flux2"]) == 0
+    return folder
+
+
+def test_flux2_cli_trains_from_the_tiny_flux2_files(tiny_flux2_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer_core.cli import config_toml, main
+    from trainer_core.config import load_run_config
+
+    run = load_run_config(tiny_flux2_folder / "train.toml")
+    assert run.model.text_encoder and not (run.model.clip_l or run.model.t5) and run.model.family == "auto"
+    run.dataset.resolutions = [64]  # the written recipe at a test's size
+    run.train = dataclasses.replace(run.train, steps=3, checkpoint_every=0)
+    run.sample = dataclasses.replace(run.sample, steps=2, width=64, height=64,
+                                     prompts=["a photo of sks robot on a blue background"])
+    run.output.folder = (tmp_path / "out").as_posix()
+    assert run.sample.guidance > 1 and run.train.timestep_sampling == "flux_shift"  # klein: CFG; FLUX.2's shift
+    config = tmp_path / "short.toml"
+    config.write_text(config_toml(run), encoding="utf-8")
+    assert main(["train", "--config", str(config), "--device", "cpu"]) == 0
+
+    out = tmp_path / "out"
+    state, meta = lora.read_lora_file(out / "tiny_lora.safetensors")
+    assert meta["modelspec.architecture"] == "flux-2-klein/lora"
+    assert meta["base_model"] == "flux2-klein-tiny.safetensors" and int(meta["steps"]) == 3
+    assert any(".attn.to_qkv_mlp_proj.lora_A" in k for k in state) and not any(k.endswith(".alpha") for k in state)
+    assert (out / "samples.png").is_file() and (out / "loss.png").is_file()
+    latents = sorted((out / "cache" / "latents").glob("*.safetensors"))
+    assert len(latents) == 8 and load_file(str(latents[0]))["latent"].shape == (128, 4, 4)
+    texts = list((out / "cache" / "text").glob("*.safetensors"))
+    assert len(texts) == 9  # the 8 captions (the prompt is one of them) and the empty negative prompt
+    assert {load_file(str(p))["hidden"].shape for p in texts} == {(96, 48)}
+
+
+def test_flux2_cli_refuses_encoders_of_the_other_family(tiny_flux2_folder, tiny_model_files, tmp_path, capsys):
+    from trainer_core.cli import main
+
+    flux1_file = tiny_model_files.folder / "flux.safetensors"
+    flux2_file = tiny_flux2_folder / "flux2-klein-tiny.safetensors"
+    cases = {
+        # a FLUX.1 transformer with FLUX.2's text encoder
+        f'[model]\ntransformer = "{flux1_file.as_posix()}"\nvae = "{(tiny_model_files.folder / "vae").as_posix()}"\n'
+        f'text_encoder = "{(tiny_flux2_folder / "qwen3-tiny.safetensors").as_posix()}"\n':
+            r"\[model\] text_encoder: .* is a FLUX\.2 text encoder setting, but transformer .*flux\.safetensors' "
+            r"is a FLUX\.1 transformer\. FLUX\.1 takes vae, clip_l, t5",
+        # a FLUX.2 transformer with FLUX.1's CLIP-L and T5
+        tiny_model_files.model_section(flux2_file):
+            r"\[model\] clip_l: .* is a FLUX\.1 text encoder setting, but transformer .*flux2-klein-tiny\.safetensors' "
+            r"is a FLUX\.2 transformer\. FLUX\.2 takes vae, text_encoder",
+        # a family named that the weights contradict
+        f'[model]\ntransformer = "{flux2_file.as_posix()}"\nfamily = "flux1"\n':
+            r"\[model\] family: 'flux1' \(FLUX\.1\), but transformer .* is a FLUX\.2 transformer",
+    }
+    for i, (model_section, message) in enumerate(cases.items()):
+        config = tmp_path / f"c{i}.toml"
+        config.write_text(model_section + f'[dataset]\nfolder = "{tmp_path.as_posix()}"\n', encoding="utf-8")
+        assert main(["train", "--config", str(config), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err), err
+
+
+def test_flux2_cache_from_its_encoders_and_masked_loss_at_its_latent_resolution(tmp_path, monkeypatch):
+    """Images and captions go through the FLUX.2 VAE and Qwen3 into the cache; a loss mask (cached per 8×8 pixel
+    cell) weights each 16×16 latent cell by its mean."""
+    from trainer_core.data.cache import build_cache
+    from trainer_core.data.dataset import dataset_from_images
+    from trainer_core.models.flux2_encoders import build_tiny_flux2_text_encoder, build_tiny_flux2_vae
+
+    images = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(2, 64, 64)
+    masks[0, :, :24] = 1  # 1.5 latent cells wide: the middle column of cells is half weighted
+    items = dataset_from_images(images, ["a robot", "a cube"],
+                                DatasetConfig(resolutions=[64], masked_loss=True), masks=masks)
+    vae = build_tiny_flux2_vae(seed=1)
+    cache = build_cache(items, vae, build_tiny_flux2_text_encoder("klein", seed=1), tmp_path / "cache")
+    assert torch.allclose(cache.latent(0), vae.encode(items[0].load_pixels()[None])[0])
+    assert cache.text(0)[0].shape[1] == 48 and cache.text(0)[1].shape == (0,)
+    # fully cached: no encoder needed the second time, the FLUX.2 layout is recognised
+    assert build_cache(items, None, None, tmp_path / "cache").reused == 4
+
+    seen = []
+    original = flow.elementwise_loss
+    monkeypatch.setattr(flow, "elementwise_loss", lambda p, t, *a: seen.append((p.detach(), t)) or original(p, t, *a))
+    session = TrainingSession(flux2.build_tiny_flux2_transformer("klein"), cache, LoraConfig(rank=2),
+                              TrainConfig(steps=1, compute_dtype="fp32", batch_size=2, checkpoint_every=0),
+                              device="cpu")
+    loss = session.step()
+    err = (seen[0][0] - seen[0][1]) ** 2  # [2, 128, 4, 4]
+    order = session.order.batch(0)
+    weights = torch.stack([torch.nn.functional.avg_pool2d(masks[i][None], 16) for i in order]).expand_as(err)
+    assert loss == pytest.approx(((err * weights).sum() / weights.sum()).item(), rel=1e-5)
+    assert abs(loss - err.mean().item()) > 1e-3  # the unweighted mean would differ
+
+
+def test_flux2_text_encoder_lora_is_refused_before_anything_is_cached(tiny_flux2_folder, tmp_path, capsys):
+    """FLUX.2's Qwen3 / Mistral take no LoRA here: the config is refused at once, not after minutes of caching."""
+    from trainer_core.cli import main
+
+    config = tmp_path / "te.toml"
+    written = (tiny_flux2_folder / "train.toml").read_text(encoding="utf-8")
+    assert "[lora]" not in written  # the tiny recipe keeps the default LoRA settings
+    config.write_text(written + '\n[lora]\ntext_encoders = "t5"\n', encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.text_encoders = 't5' is not available for FLUX.2" in err and "set text_encoders to 'none'" in err
+    assert not out.exists()  # nothing cached or written

@@ -121,7 +121,9 @@ def test_train_node_hands_the_memory_config_to_the_trainer(pack, monkeypatch):
     monkeypatch.setitem(sys.modules, "comfy", comfy)
     monkeypatch.setitem(sys.modules, "comfy.model_management", comfy.model_management)
     bridge = pack.bridge
-    for name, value in {"flux_variant": lambda model: "dev", "training_device": lambda: "cpu",
+    flux1 = importlib.import_module(f"{PACK}.trainer_core.models.family").FLUX1
+    for name, value in {"model_family": lambda model: flux1, "flux_variant": lambda model: "dev",
+                        "training_device": lambda: "cpu",
                         "compute_dtype_name": lambda device: "fp32", "comfy_folders": lambda: (Path("in"),
                                                                                               Path("out")),
                         "comfy_progress": lambda node_id: (lambda total: None, lambda text: None, lambda: None),

@@ -525,9 +525,151 @@ def test_a_model_weight_comfyuis_key_map_does_not_name_is_reported(pack, comfy_k
         pack.bridge.flux_state_dict(FakeModelPatcher(comfy_key_map), torch.float32)
 
 
+class FakeFlux2VAE(FakeVAE):
+    """ComfyUI's FLUX.2 VAE contract: 128 latent channels at /16, already the transformer's (normalised) latents."""
+
+    latent_channels = 128
+
+    def encode(self, pixels):
+        b, h, w, _ = pixels.shape
+        grey = pixels.mean(-1).reshape(b, h // 16, 16, w // 16, 16).mean((2, 4))
+        return grey[:, None].repeat(1, 128, 1, 1) * torch.arange(128.0)[:, None, None]
+
+    def decode(self, latents):
+        return latents[:, :3].repeat_interleave(16, -1).repeat_interleave(16, -2).movedim(1, -1).clamp(0, 1)
+
+
+def test_flux2_vae_and_text_encoder_give_what_flux2_trains_on(pack):
+    """The family comes from the VAE; FLUX.2 latents are taken as ComfyUI returns them (no FLUX.1 shift/scale), and
+    the flux2 CLIP's hidden states are front-padded to the 512 tokens ComfyUI's model_base.Flux2 samples with."""
+    encoder = pack.bridge.ComfyImageEncoder(FakeFlux2VAE())
+    assert encoder.family.name == "FLUX.2"
+    images = torch.rand(1, 3, 64, 32)
+    latents = encoder.encode(images)
+    assert torch.equal(latents, FakeFlux2VAE().encode(images.movedim(1, -1)))  # untouched: [1, 128, 4, 2]
+    assert torch.equal(encoder.decode(latents), FakeFlux2VAE().decode(latents).movedim(-1, 1))
+    assert pack.bridge.ComfyImageEncoder(FakeVAE()).family.name == "FLUX.1"
+
+    clip = FakeCLIP(pooled=False, lengths={"a cat": 77})
+    hidden, pooled = pack.bridge.ComfyTextEncoder(clip, encoder.family).encode(["a cat", "a dog"])
+    assert hidden.shape == (2, 512, 8) and pooled.shape == (2, 0)
+    assert hidden[0, :512 - 77].abs().sum() == 0 and torch.all(hidden[0, 512 - 77:] == len("a cat"))
+    # one CLIP's FLUX.2 entries (padded) are cached apart from its FLUX.1 entries
+    assert pack.bridge.ComfyTextEncoder(clip, encoder.family).identity != pack.bridge.ComfyTextEncoder(clip).identity
+
+
+def test_the_cache_holds_flux2_latents_text_and_masks_at_flux2s_resolution(pack, tmp_path):
+    """Through ComfyUI's FLUX.2 VAE and text encoder the cache holds [128, H/16, W/16] latents, 512-token text
+    without a pooled vector, and loss masks (per 8 px cell; training averages them over each 16 px latent cell)."""
+    dataset = importlib.import_module(f"{PACK}.trainer_core.data.dataset")
+    cache_mod = importlib.import_module(f"{PACK}.trainer_core.data.cache")
+    images, masks = torch.rand(2, 64, 64, 3), torch.zeros(2, 64, 64)
+    masks[:, :, :32] = 1
+    items = dataset.dataset_from_images(images, ["a cat", "a dog"], pack.config.DatasetConfig(
+        resolutions=[64], masked_loss=True), masks=masks)
+    image_encoder = pack.bridge.ComfyImageEncoder(FakeFlux2VAE())
+    text_encoder = pack.bridge.ComfyTextEncoder(FakeCLIP(pooled=False), image_encoder.family)
+    cache = cache_mod.build_cache(items, image_encoder, text_encoder, tmp_path, empty_caption=True)
+    latent = cache.latent(0)
+    h, w = items[0].height // 16, items[0].width // 16
+    assert latent.shape == (128, h, w)
+    hidden, pooled = cache.text(0)
+    assert hidden.shape == (512, 8) and pooled.numel() == 0
+    mask = cache.mask(0)
+    assert mask.shape == (1, 2 * h, 2 * w) and mask[..., :4].min() > 0.99 and mask[..., 4:].max() < 0.01
+    again = cache_mod.build_cache(items, image_encoder, text_encoder, tmp_path, empty_caption=True)
+    assert again.encoded == 0  # FLUX.2 entries are found again
+
+
+def test_a_flux2_vae_that_encodes_to_another_size_is_refused(pack):
+    class Eight(FakeFlux2VAE):  # 128 channels, but /8
+        def encode(self, pixels):
+            return torch.zeros(pixels.shape[0], 128, pixels.shape[1] // 8, pixels.shape[2] // 8)
+
+    with pytest.raises(pack.errors.TrainerInputError, match=r"vae: .*\[128, 8, 8\].*FLUX.2 trains on \[128, 4, 4\]"):
+        pack.bridge.ComfyImageEncoder(Eight()).encode(torch.rand(1, 3, 64, 64))
+
+
+def test_flux2_model_weights_become_the_trainers_flux2_transformer_sharing_storage(pack, monkeypatch):
+    """A FLUX.2 MODEL (ComfyUI's module: BFL names, q/k norms as ``weight``) becomes trainer_core's FLUX.2
+    transformer with the same output as the model it was made from, on the MODEL's own tensors. ComfyUI's key map
+    names only the block weights for FLUX.2 (and FLUX.1 names for the embedders), as its flux_to_diffusers does;
+    the global modulations and embedders come from trainer_core's FLUX.2 layout."""
+    flux2 = importlib.import_module(f"{PACK}.trainer_core.models.flux2")
+    family = importlib.import_module(f"{PACK}.trainer_core.models.family")
+    reference = flux2.build_tiny_flux2_transformer("dev", seed=2)
+    with torch.no_grad():
+        reference.norm_out.linear.weight.normal_()  # so the swapped halves matter
+    diffusers_sd = reference.state_dict()
+    bfl = flux2.diffusers_to_bfl(diffusers_sd)
+    comfy_sd = {k[:-len("scale")] + "weight" if k.endswith("_norm.scale") else k: v for k, v in bfl.items()}
+    width = reference.inner_dim
+    comfy_map = {"time_text_embed.timestep_embedder.linear_1.weight": "time_in.in_layer.weight",
+                 "norm_out.linear.weight": ("final_layer.adaLN_modulation.1.weight", None,
+                                            lambda w: torch.cat(w.chunk(2)[::-1]))}
+    for entry in flux2.bfl_layout(1, 3, True, width):
+        if entry.diffusers_key.startswith(("transformer_blocks", "single_transformer_blocks")):
+            target = entry.bfl_key.replace("_norm.scale", "_norm.weight")
+            comfy_map[entry.diffusers_key] = target if entry.rows is None else \
+                (target, (0, entry.rows.start, width))
+    utils = SimpleNamespace(flux_to_diffusers=lambda unet_config, output_prefix="": dict(comfy_map))
+    monkeypatch.setitem(sys.modules, "comfy", SimpleNamespace(utils=utils))
+    monkeypatch.setitem(sys.modules, "comfy.utils", utils)
+    model = FakeModelPatcher(comfy_sd, image_model="flux2", guidance=True)
+    model.model.model_config.unet_config.update(depth=1, depth_single_blocks=3, hidden_size=width)
+
+    sd = pack.bridge.flux_state_dict(model, torch.float32)
+    assert set(sd) == set(diffusers_sd) and all(torch.equal(sd[k], diffusers_sd[k]) for k in sd)
+    transformer = family.FLUX2.load_transformer(sd, dtype=torch.float32, device=None)
+    held = model.sd
+    assert _storage(transformer.x_embedder.weight) == _storage(held["diffusion_model.img_in.weight"])
+    assert _storage(transformer.transformer_blocks[0].attn.to_k.weight) == \
+        _storage(held["diffusion_model.double_blocks.0.img_attn.qkv.weight"])
+    assert _storage(transformer.double_stream_modulation_img.linear.weight) == \
+        _storage(held["diffusion_model.double_stream_modulation_img.lin.weight"])
+    inputs = dict(hidden_states=torch.randn(1, 4, 128), encoder_hidden_states=torch.randn(1, 3, 60),
+                  timestep=torch.tensor([0.5]), img_ids=flux2.latent_image_ids(2, 2), txt_ids=flux2.text_ids(3),
+                  guidance=torch.tensor([3.5]), return_dict=False)
+    with torch.no_grad():
+        assert torch.allclose(transformer(**inputs)[0], reference(**inputs)[0], atol=1e-6)
+    assert pack.bridge.flux_variant(model) == "dev"
+
+
+def test_validation_samples_use_real_cfg_for_klein_and_guidance_for_dev(pack):
+    """In-training validation samples as ComfyUI samples each model: klein base (undistilled) with real CFG against
+    the empty caption, FLUX.2 dev with embedded guidance; the CFG sample is v_neg + s · (v − v_neg) at every step."""
+    flux2 = importlib.import_module(f"{PACK}.trainer_core.models.flux2")
+    family = importlib.import_module(f"{PACK}.trainer_core.models.family")
+    flow = importlib.import_module(f"{PACK}.trainer_core.flow")
+    train = importlib.import_module(f"{PACK}.trainer_core.train")
+    prompt, empty = (torch.randn(7, 48), torch.zeros(0)), (torch.randn(7, 48), torch.zeros(0))
+    cache = SimpleNamespace(prompts=[prompt], prompt_texts=["zxq"], cache=SimpleNamespace(
+        sizes=[(32, 32)], text=lambda i: prompt, empty_text=lambda: empty))
+    klein = pack.train.FluxLoraTrain._validation(cache, 5, "klein", family.FLUX2)
+    assert klein.config.guidance > 1 and klein.negative is empty  # klein's guidance is its CFG scale
+    dev = pack.train.FluxLoraTrain._validation(cache, 5, "dev", family.FLUX2)
+    assert dev.negative is None and dev.config.guidance > 1
+
+    model = flux2.build_tiny_flux2_transformer("klein", seed=1)
+    klein.config.steps = 2
+    sampled = train.sample_validation(model, klein, "cpu")
+    noise = torch.randn((1, 128, 2, 2), generator=torch.Generator().manual_seed(klein.config.seed))
+    sigmas = flow.sampling_sigmas(2, 4, family=family.FLUX2)
+    x = noise
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        v, v_neg = (flow.predict_velocity(model, x, sigma.expand(1), h[None], p[None], 1.0, torch.float32,
+                                          family.FLUX2) for h, p in (prompt, empty))
+        x = x + (sigma_next - sigma) * (v_neg + klein.config.guidance * (v - v_neg))
+    assert torch.allclose(sampled, x, atol=1e-5)
+    assert not torch.allclose(sampled, train.sample_validation(model, train.ValidationPrompts(
+        [prompt], klein.config), "cpu"), atol=1e-4)  # no negative prompt: unguided
+
+
 def test_non_flux_model_is_refused(pack):
-    with pytest.raises(pack.errors.TrainerInputError, match="'flux2'.*not FLUX.1"):
-        pack.bridge.flux_state_dict(FakeModelPatcher({}, image_model="flux2"), torch.float32)
+    with pytest.raises(pack.errors.TrainerInputError, match="'sd3'.*not FLUX.1 or FLUX.2"):
+        pack.bridge.flux_state_dict(FakeModelPatcher({}, image_model="sd3"), torch.float32)
+    assert pack.bridge.model_family(FakeModelPatcher({}, image_model="flux2")).name == "FLUX.2"
+    assert pack.bridge.flux_variant(FakeModelPatcher({}, image_model="flux2", guidance=False)) == "klein"
     with pytest.raises(pack.errors.TrainerInputError, match="not FLUX.1"):
         pack.bridge.flux_variant(SimpleNamespace(model=SimpleNamespace()))
 

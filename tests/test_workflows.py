@@ -60,7 +60,7 @@ def _inputs(node_type: str):
 
 
 def _is_widget(spec) -> bool:
-    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES or spec[0] == "COMBO"
 
 
 def _has_control_widget(name: str, spec) -> bool:
@@ -101,6 +101,8 @@ def ui_to_api(ui: dict) -> dict:
 
 def check_widget(where: str, name: str, spec, value) -> None:
     kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+    if kind == "COMBO":  # the V3 nodes' combo: its choices under "options"
+        kind = options["options"]
     if isinstance(kind, list):
         if kind:
             assert value in kind, f"{where}.{name}: {value!r} is not one of {kind}"
@@ -144,7 +146,8 @@ def _socket_type(node_type: str, name: str) -> str:
 
 
 def test_the_training_workflows_and_their_api_twins_ship():
-    assert {WORKFLOWS / "flux_lora_train.json", WORKFLOWS / "flux_lora_train_lowvram.json"} <= set(ui_workflows())
+    assert {WORKFLOWS / "flux_lora_train.json", WORKFLOWS / "flux_lora_train_lowvram.json",
+            WORKFLOWS / "flux2_klein_lora_train.json", WORKFLOWS / "flux2_dev_lora_train.json"} <= set(ui_workflows())
     assert {p.name for p in api_workflows()} == {p.name for p in ui_workflows()}
 
 
@@ -226,6 +229,49 @@ def test_training_workflow_wires_training_into_sampling(name, t5):
              if k in api[n]["inputs"]}
     assert files == {"flux1-dev.safetensors", "clip_l.safetensors", t5, "ae.safetensors"}
     assert api[by_type["DualCLIPLoader"][0]]["inputs"]["type"] == "flux"
+
+
+@pytest.mark.parametrize("name,files", [
+    ("flux2_klein_lora_train.json", {"flux-2-klein-base-4b.safetensors", "qwen_3_4b.safetensors"}),
+    ("flux2_dev_lora_train.json", {"flux2_dev_fp8mixed.safetensors", "mistral_3_small_flux2_fp8.safetensors"})])
+def test_flux2_workflow_wires_training_into_comfyuis_flux2_sampling(name, files):
+    """ComfyUI's standard FLUX.2 files (klein: the base model, which LoRAs are trained on), the flux2 text encoder
+    into the cache, and the trained MODEL straight into ComfyUI's FLUX.2 sampling: klein base with real CFG against
+    a negative prompt, dev with FluxGuidance; Flux2Scheduler and EmptyFlux2LatentImage at the same size."""
+    api = json.loads((WORKFLOWS / "api" / name).read_text(encoding="utf-8"))
+    by_type: dict[str, list[str]] = {}
+    for node_id, node in api.items():
+        by_type.setdefault(node["class_type"], []).append(node_id)
+
+    def source(node_id: str, input_name: str) -> dict:
+        return api[api[node_id]["inputs"][input_name][0]]
+
+    (train,), (cache,) = by_type["FluxLoraTrain"], by_type["FluxLoraCache"]
+    (sampler,) = by_type["SamplerCustomAdvanced"]
+    assert source(train, "model")["class_type"] == "UNETLoader"
+    assert source(cache, "clip")["class_type"] == "CLIPLoader" and source(cache, "clip")["inputs"]["type"] == "flux2"
+    assert source(cache, "vae")["inputs"]["vae_name"] == "flux2-vae.safetensors"
+    file_names = {v for n in api.values() for k, v in n["inputs"].items() if k in ("unet_name", "clip_name")}
+    assert file_names == files
+    guider = source(sampler, "guider")
+    assert guider["inputs"]["model"] == [train, 0]
+    trigger = api[by_type["FluxLoraDataset"][0]]["inputs"]["trigger_word"]
+    if "klein" in name:
+        assert guider["class_type"] == "CFGGuider" and guider["inputs"]["cfg"] > 1
+        positive, negative = (api[guider["inputs"][k][0]] for k in ("positive", "negative"))
+        assert trigger in positive["inputs"]["text"] and trigger not in negative["inputs"]["text"]
+    else:
+        assert guider["class_type"] == "BasicGuider"
+        guidance = api[guider["inputs"]["conditioning"][0]]
+        assert guidance["class_type"] == "FluxGuidance" and trigger in api[guidance["inputs"]["conditioning"][0]][
+            "inputs"]["text"]
+    latent, schedule = source(sampler, "latent_image"), source(sampler, "sigmas")
+    assert latent["class_type"] == "EmptyFlux2LatentImage" and schedule["class_type"] == "Flux2Scheduler"
+    assert (latent["inputs"]["width"], latent["inputs"]["height"]) == (schedule["inputs"]["width"],
+                                                                       schedule["inputs"]["height"])
+    (decode,) = [n for n in by_type["VAEDecode"] if api[n]["inputs"]["samples"] == [sampler, 0]]
+    assert any(api[s]["inputs"]["images"] == [decode, 0] for s in by_type["SaveImage"])
+    assert api[by_type["LossGraphNode"][0]]["inputs"]["loss"] == [train, 2]
 
 
 def test_low_vram_workflow_trains_with_the_8gb_preset_at_512():

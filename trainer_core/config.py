@@ -249,7 +249,8 @@ class SampleConfig:
     prompts: list[str] = field(default_factory=list)
     every: int = 0  # steps between validation samples; 0 = only at the end
     steps: int = 20
-    guidance: float = 3.5
+    guidance: float = 3.5  # embedded guidance (FLUX.1 dev, FLUX.2 dev); the CFG scale for FLUX.2 klein base
+    negative_prompt: str = ""  # FLUX.2 klein base: classifier-free guidance against this prompt
     seed: int = 0
     width: int = 512
     height: int = 512
@@ -269,16 +270,25 @@ class SampleConfig:
 class ModelPaths:
     """Model files for the CLI (inside ComfyUI the loaders provide these)."""
 
+    FAMILIES = ("auto", "flux1", "flux2")
+
     transformer: str = ""
+    family: str = "auto"  # read from the transformer's weights; flux1 / flux2 only confirm it
     vae: str = ""
-    clip_l: str = ""
-    t5: str = ""
-    tokenizers: str = ""  # folder holding clip/ and t5/ tokenizer files; empty = next to the encoders
+    clip_l: str = ""  # FLUX.1
+    t5: str = ""  # FLUX.1
+    text_encoder: str = ""  # FLUX.2: Qwen3 (klein) file or folder, Mistral-Small-3 (dev) folder
+    # FLUX.1: folder holding clip/ and t5/ tokenizer files; FLUX.2: the text encoder's tokenizer folder;
+    # empty = next to the encoders
+    tokenizers: str = ""
     t5_max_length: int = 512  # 512 for FLUX.1-dev, 256 for schnell
+    text_max_length: int = 512  # FLUX.2's text tokens (its pipelines and ComfyUI use 512)
     base_name: str = ""  # recorded in LoRA metadata; defaults to the transformer file name
 
     def validate(self) -> "ModelPaths":
+        _check_choice("model", "family", self.family, self.FAMILIES)
         _check_positive("model", "t5_max_length", self.t5_max_length)
+        _check_positive("model", "text_max_length", self.text_max_length)
         return self
 
 

@@ -192,34 +192,44 @@ _stop_signal: str | None = None
 
 
 def stop_signalled() -> bool:
-    """True once SIGINT or SIGTERM arrived inside :func:`deferred_stop_signals`."""
+    """True once a stop signal arrived inside :func:`stop_signals`."""
     return _stop_signal is not None
 
 
 def _defer_stop(signum, _frame) -> None:
     global _stop_signal
+    name = signal.Signals(signum).name
+    if _stop_signal is not None and _group is None:
+        raise KeyboardInterrupt  # a second Ctrl+C on one process: stop at once (the step rolls back)
     if _stop_signal is None:
-        log.warning("%s received: stopping with a checkpoint once every process agrees (at the next step)",
-                    signal.Signals(signum).name)
-    _stop_signal = signal.Signals(signum).name
+        log.warning("%s received: stopping with a checkpoint after the current step%s", name,
+                    " (press Ctrl+C again to stop at once)" if _group is None else ", once every process agrees")
+    _stop_signal = name
 
 
 @contextmanager
-def deferred_stop_signals() -> Iterator[None]:
-    """On N processes, SIGINT and SIGTERM only set :func:`stop_signalled` while training: the loop agrees on it
-    with :func:`any_process`, every process stops at the same step, and process 0 writes a checkpoint matching all.
+def stop_signals() -> Iterator[None]:
+    """While training, a stop signal lets the step in flight finish and only sets :func:`stop_signalled`; the loop
+    stops between steps, so the checkpoint it saves resumes exactly.
 
-    torchrun and ``accelerate launch`` pass a Ctrl+C or SIGTERM on to every process and kill them 30 s later; a
-    process ended mid-step by the default handler would leave the others waiting in a collective and no
-    checkpoint of the step they agree on. A single process keeps the default handlers (Ctrl+C raises
-    KeyboardInterrupt and the loop saves a checkpoint on the way out).
+    One process: Ctrl+C (SIGINT), and a second Ctrl+C stops at once — only where Python's own handler is
+    installed (the CLI); ComfyUI runs nodes in a worker thread, where nothing changes. N processes: SIGINT and
+    SIGTERM, which torchrun and ``accelerate launch`` pass on to every process and follow with a kill 30 s later;
+    the loop agrees on the stop with :func:`any_process`, every process stops at the same step, and process 0
+    writes a checkpoint matching all (a process ended mid-step would leave the others waiting in a collective).
     """
     global _stop_signal
-    if _group is None or threading.current_thread() is not threading.main_thread():
+    _stop_signal = None
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _stop_signal = None
-    previous = {sig: signal.signal(sig, _defer_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if _group is not None:
+        signals = (signal.SIGINT, signal.SIGTERM)
+    elif signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signals = (signal.SIGINT,)
+    else:
+        signals = ()
+    previous = {sig: signal.signal(sig, _defer_stop) for sig in signals}
     try:
         yield
     finally:

@@ -140,13 +140,23 @@ def euler_sample(
     steps: int,
     dtype: torch.dtype = torch.float32,
     family: ModelFamily | None = None,
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Integrate dx/dσ = v from pure noise (σ = 1) to a clean latent (σ = 0)."""
+    """Integrate dx/dσ = v from pure noise (σ = 1) to a clean latent (σ = 0).
+
+    With ``negative`` (hidden, pooled of a negative prompt) each step is classifier-free guided, v = v₋ +
+    guidance·(v₊ − v₋), as FLUX.2 klein's pipeline samples; otherwise ``guidance`` goes to the transformer's
+    guidance embedding (where it has one).
+    """
     family = family or detect_family(transformer)
     _, _, h, w = noise.shape
     sigmas = sampling_sigmas(steps, family.image_token_count(h, w), family=family).to(noise.device)
     x = noise.float()
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        v = predict_velocity(transformer, x, sigma.expand(x.shape[0]), hidden, pooled, guidance, dtype, family)
+        t = sigma.expand(x.shape[0])
+        v = predict_velocity(transformer, x, t, hidden, pooled, guidance, dtype, family)
+        if negative is not None:
+            v_negative = predict_velocity(transformer, x, t, *negative, guidance, dtype, family)
+            v = v_negative + guidance * (v - v_negative)
         x = x + (sigma_next - sigma) * v
     return x

@@ -8,7 +8,8 @@ uses keys that ComfyUI and diffusers read (reference.md §2–3), ``transformer.
   The trained scale is folded into ``lora_B`` and ``alpha`` is written as r, so the matrices alone give the delta:
   loaders that read alpha (ComfyUI, kohya-style tools, diffusers' ``load_lora_weights``) and loaders that do not
   (diffusers' ``load_lora_adapter`` on a file) apply the same LoRA. diffusers refuses a file that carries alpha
-  both as tensors and in its ``lora_adapter_metadata`` header, so there is no such header.
+  both as tensors and in its ``lora_adapter_metadata`` header, so there is no such header. FLUX.2 files carry no
+  LoRA ``alpha`` at all: diffusers' FLUX.2 ``load_lora_weights`` refuses keys without "lora" in them.
   DoRA adds ``dora_scale`` [out, 1] in ComfyUI's convention (see :func:`_dora_scale`).
 * LoKr: ``lokr_w1`` / ``lokr_w2`` (or their ``_a``/``_b`` factors) and ``alpha``; delta = kron(w1, w2)·scale.
 * LoHa: ``hada_w1_a`` … ``hada_w2_b`` and ``alpha``; delta = (w1a@w1b)·(w2a@w2b)·alpha/r.
@@ -374,6 +375,10 @@ def save_lora(
         path = unique_path(path)
     meta = {k: str(v) for k, v in metadata.items()}
     state = lora_state_dict(transformer, None, text_encoders)
+    if fmt == "default" and not detect_family(transformer).lora_alpha_tensors:
+        # a LoRA's alpha is its rank (scale 1, see the module docstring): leaving it out changes no reader's result
+        state = {k: v for k, v in state.items()
+                 if not (k.endswith(".alpha") and f"{k[:-len('alpha')]}lora_A.weight" in state)}
     if fmt != "default":
         from .export import convert
 

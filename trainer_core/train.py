@@ -11,8 +11,6 @@ import dataclasses
 import json
 import logging
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,24 +79,35 @@ class TrainResult:
 
 @dataclass
 class ValidationPrompts:
-    """Encoded validation prompts (hidden [L, D], pooled [P] each) and how to sample them."""
+    """Encoded validation prompts (hidden [L, D], pooled [P] each) and how to sample them; ``negative`` is the
+    encoded ``config.negative_prompt``, which models sampled with real CFG (FLUX.2 klein base) need."""
 
     embeddings: Sequence[tuple[torch.Tensor, torch.Tensor]]
     config: SampleConfig = field(default_factory=SampleConfig)
+    negative: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden, pooled): real-CFG families only
 
 
 @torch.no_grad()
 def sample_validation(transformer, prompts: ValidationPrompts, device, dtype=torch.float32,
                       family: ModelFamily | None = None) -> torch.Tensor:
-    """Euler-sample one latent per validation prompt; fixed noise seed, so samples compare across time."""
+    """Euler-sample one latent per validation prompt; fixed noise seed, so samples compare across time.
+
+    A transformer its family samples with real CFG (FLUX.2 klein base) is guided against ``prompts.negative`` at
+    scale ``sample.guidance`` where that is above 1, as its diffusers pipeline does."""
     cfg = prompts.config
     family = family or detect_family(transformer)
+    negative = None
+    if family.real_cfg(transformer.config) and cfg.guidance > 1:
+        if prompts.negative is None:
+            log.warning("validation samples without classifier-free guidance: no negative prompt embedding given")
+        else:
+            negative = tuple(t[None].to(device) for t in prompts.negative)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = []
     for hidden, pooled in prompts.embeddings:
         noise = torch.randn((1, *family.latent_shape(cfg.height, cfg.width)), generator=gen).to(device)
         latent = flow.euler_sample(transformer, noise, hidden[None].to(device), pooled[None].to(device),
-                                   cfg.guidance, cfg.steps, dtype=dtype, family=family)
+                                   cfg.guidance, cfg.steps, dtype=dtype, family=family, negative=negative)
         out.append(latent.cpu())
     return torch.cat(out)
 
@@ -180,7 +189,9 @@ class TrainingSession:
         weight = None
         if self.cache.has_masks:  # items without a mask train on every latent cell
             masks = [self.cache.mask(i) for i in mine]
-            weight = torch.stack([m if m is not None else torch.ones(1, *x0.shape[-2:]) for m in masks]).float()
+            # masks are cached per 8×8 pixel cell; a coarser latent (FLUX.2: /16) averages them over its cells
+            weight = torch.stack([torch.nn.functional.adaptive_avg_pool2d(m.float(), x0.shape[-2:]) if m is not None
+                                  else torch.ones(1, *x0.shape[-2:]) for m in masks]).float()
         return len(indices), x0, hidden, pooled, weight
 
     def step(self) -> float:
@@ -371,7 +382,7 @@ def train_lora(
     with torch.inference_mode(False), torch.enable_grad():
         session = TrainingSession(transformer, cache, lora_cfg, train_cfg, mem_cfg, device, text_encoder)
         try:
-            with distributed.deferred_stop_signals():
+            with distributed.stop_signals():
                 return _run(session, callbacks, metrics, output_dir, name, checkpoint_dir, resume, overwrite,
                             validation, metadata or {})
         finally:
@@ -428,14 +439,13 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog | N
 
     main = distributed.is_main()
     started = time.perf_counter()
-    ctrl_c = _CtrlCBetweenSteps()
     try:
         while session.step_count < cfg.steps:
             # On N processes a stop (a callback's, Ctrl+C between steps, or Ctrl+C / SIGTERM passed on by the
             # launcher) is agreed first, so all of them stop at the same step.
-            if distributed.any_process(callbacks.should_stop() or ctrl_c.requested or distributed.stop_signalled()):
-                if ctrl_c.requested:
-                    raise KeyboardInterrupt
+            if distributed.any_process(callbacks.should_stop() or distributed.stop_signalled()):
+                if distributed.stop_signalled() and distributed.world_size() == 1:
+                    raise KeyboardInterrupt  # Ctrl+C on the CLI: the caller reports the resumable checkpoint
                 raise TrainingStopped(f"stopped at step {session.step_count} on request")
             t0 = time.perf_counter()
             loss = session.step()
@@ -466,14 +476,12 @@ def _run(session: TrainingSession, callbacks: Callbacks, metrics: MetricsLog | N
         if isinstance(exc, TrainingStopped):
             raise TrainingStopped(_stop_message(exc, path, finite), checkpoint=path) from exc
         raise
-    finally:
-        ctrl_c.restore()
 
     elapsed = time.perf_counter() - started
     meta = {
         **{k: str(v) for k, v in metadata.items()},
         "trainer": "flux-lora-trainer",
-        "modelspec.architecture": "flux-1-dev/lora",
+        "modelspec.architecture": session.family.lora_architecture(session.transformer.config),
         "rank": str(session.lora_cfg.rank),
         "alpha": str(session.lora_cfg.alpha),
         "targets": session.lora_cfg.targets,
@@ -517,33 +525,6 @@ def _stop_message(exc: TrainingStopped, path: Path | None, finite: bool) -> str:
     advice = ("Lower the learning rate or check the dataset, then resume." if "loss became" in str(exc)
               else "Run again with resume on to continue.")
     return f"{exc} — resumable checkpoint kept at '{path}'. {advice}"
-
-
-class _CtrlCBetweenSteps:
-    """Ctrl+C (SIGINT) lets the step in flight finish and sets ``requested``; the loop then stops between steps,
-    so the checkpoint it saves resumes exactly. A second Ctrl+C stops at once (the step rolls back, see
-    TrainingSession.step).
-
-    Only where Python's own handler is installed on the main thread (the CLI); elsewhere (ComfyUI runs nodes in a
-    worker thread) nothing changes and ``requested`` stays False.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-
-    def _on_sigint(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("Ctrl+C: stopping after the current step (press again to stop at once)")
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def _save_adapters(session: TrainingSession, output_dir: Path, name: str, meta: dict[str, str],

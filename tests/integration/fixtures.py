@@ -211,3 +211,99 @@ def build_fixtures(base: Path) -> Fixtures:
     save_file(taesd_state_dict(), str(models / "vae" / VAE_FILE))
     write_dataset(base / "input" / DATASET)
     return Fixtures(base, FLUX_FILE, CLIP_FILE, VAE_FILE, DATASET, TRIGGER)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLUX.2 (ComfyUI ≥ 0.9.2). Facts (ComfyUI 0.33.0's comfy/model_detection.py, comfy/sd.py, nodes.py VAELoader):
+# - A FLUX.2 file is a FLUX file with ``double_stream_modulation_img.lin.weight``; its RoPE axes are fixed at
+#   4 × 32 (head size 128) but the head count is width / 128, so a width-256 model (2 heads) loads: 1 double +
+#   1 single block is ≈ 3 M parameters. ``txt_in``'s width is read from the tensor: 768 lets the tiny CLIP-L
+#   stand in for the flux2 text encoder (whose Qwen3-4B ComfyUI builds at full size, ≈ 8 GB, whatever the file).
+# - VAELoader's "taef2" is ComfyUI's own tiny FLUX.2 VAE (TAESD layout, 32 channels pixel-shuffled to 128 at /16)
+#   read from models/vae_approx/taef2_encoder.* + taef2_decoder.*; the full FLUX.2 KL VAE's encoder has a fixed
+#   width (≈ 34 M parameters).
+
+FLUX2_FILES = {"klein": "flux2-klein-tiny.safetensors", "dev": "flux2-dev-tiny.safetensors"}
+FLUX2_VAE = "taef2"
+FLUX2_WIDTH = 256  # 2 heads of 128
+
+
+def flux2_state_dict(variant: str, seed: int = 3, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """A FLUX.2 transformer in BFL key names (klein: no guidance embedding; dev: with), built with diffusers'
+    Flux2Transformer2DModel at width 256 and converted by trainer_core's BFL layout; it starts on trainer_core's
+    tiny skip path (orthonormal in/out projections), so a LoRA changes its output visibly."""
+    from diffusers import Flux2Transformer2DModel
+
+    from trainer_core.models import flux2
+
+    config = {**flux2.tiny_flux2_config(variant), "num_layers": 1, "num_single_layers": 1,
+              "attention_head_dim": 128, "num_attention_heads": FLUX2_WIDTH // 128, "joint_attention_dim": CONTEXT,
+              "timestep_guidance_channels": 256, "axes_dims_rope": [32, 32, 32, 32]}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Flux2Transformer2DModel(**config).eval()
+        with torch.no_grad():
+            basis, _ = torch.linalg.qr(torch.randn(FLUX2_WIDTH, flux2.LATENT_CHANNELS))
+            model.x_embedder.weight.copy_(basis)
+            model.proj_out.weight.copy_(basis.T)
+            model.norm_out.linear.weight.zero_()
+    return {k: v.to(dtype).contiguous() for k, v in flux2.diffusers_to_bfl(model.state_dict()).items()}
+
+
+def _taesd_gn_block(w: _Init, name: str) -> None:
+    _taesd_block(w, name)
+    w.conv(f"{name}.pool.0", 256, 64, k=1, bias=False)
+    w.ones(f"{name}.pool.1.weight", 256)
+    w.zeros(f"{name}.pool.1.bias", 256)
+    w.conv(f"{name}.pool.3", 64, 256, k=1, bias=False, gain=0.5)
+
+
+def taef2_state_dicts(seed: int = 4) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(encoder, decoder) of ComfyUI's FLUX.2 TAESD (comfy/taesd/taesd.py EncoderFlux2 / DecoderFlux2 indices)."""
+    enc = _Init(seed, torch.float32)
+    enc.conv("0", 64, 3)
+    _taesd_block(enc, "1")
+    for index in (2, 6, 10):  # three stride-2 stages; the last one's blocks have group-norm pools
+        enc.conv(str(index), 64, 64, bias=False)
+        for j in range(1, 4):
+            (_taesd_gn_block if index == 10 else _taesd_block)(enc, str(index + j))
+    enc.conv("14", 32, 64)
+    dec = _Init(seed + 1, torch.float32)
+    dec.conv("1", 64, 32)
+    for j in (3, 4, 5):
+        _taesd_gn_block(dec, str(j))
+    for upsample_conv, blocks in ((7, (8, 9, 10)), (12, (13, 14, 15)), (17, (18,))):
+        dec.conv(str(upsample_conv), 64, 64, bias=False)
+        for j in blocks:
+            _taesd_block(dec, str(j))
+    dec.conv("19", 3, 64)
+    dec.sd["19.bias"] = torch.full((3,), 0.5)  # mid-grey, as taesd_state_dict
+    return enc.sd, dec.sd
+
+
+@dataclass
+class Flux2Fixtures:
+    base: Path
+    models: dict[str, str]  # variant → file in models/diffusion_models
+    clip: str  # CLIP-L, standing in for the flux2 text encoder
+    vae: str  # VAELoader name of the tiny FLUX.2 VAE
+    dataset: str
+    trigger: str
+
+
+def build_flux2_fixtures(base: Path) -> Flux2Fixtures:
+    """The FLUX.2 model files (klein and dev), the tiny FLUX.2 VAE, CLIP-L and the dataset under ``base``."""
+    base = Path(base)
+    models = base / "models"
+    for sub in ("diffusion_models", "text_encoders", "vae", "vae_approx", "loras"):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+    for sub in ("input", "output", "custom_nodes", "user", "temp"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    for variant, name in FLUX2_FILES.items():
+        save_file(flux2_state_dict(variant), str(models / "diffusion_models" / name))
+    save_file(clip_l_state_dict(), str(models / "text_encoders" / CLIP_FILE))
+    encoder, decoder = taef2_state_dicts()
+    save_file(encoder, str(models / "vae_approx" / f"{FLUX2_VAE}_encoder.safetensors"))
+    save_file(decoder, str(models / "vae_approx" / f"{FLUX2_VAE}_decoder.safetensors"))
+    write_dataset(base / "input" / DATASET)
+    return Flux2Fixtures(base, dict(FLUX2_FILES), CLIP_FILE, FLUX2_VAE, DATASET, TRIGGER)

@@ -2,8 +2,9 @@
 
 Layout inside the cache folder::
 
-    latents/<item key>-<encoder key>.safetensors      "latent"  [16, h/8, w/8]
-    text/<caption key>-<encoder key>.safetensors      "hidden"  [L, D] (T5), "pooled" [P] (CLIP-L)
+    latents/<item key>-<encoder key>.safetensors      "latent"  [16, h/8, w/8] (FLUX.1), [128, h/16, w/16] (FLUX.2)
+    text/<caption key>-<encoder key>.safetensors      "hidden"  [L, D] (T5; FLUX.2: stacked LM layers),
+                                                      "pooled"  [P] (CLIP-L; FLUX.2: [0])
     masks/<mask key>.safetensors                      "mask"    [1, h/8, w/8] loss weights (dataset.masked_loss)
 
 item key = sha256(preprocessing version, image content hash, bucket size, crop box, flip); caption key =
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_TEXT_ENCODERS = "the text encoders (CLI: FLUX.1 model.clip_l and model.t5, FLUX.2 model.text_encoder)"
 PREPROCESS_VERSION = 1  # bump when DatasetItem.load_pixels changes, so latents of the old pixels are not reused
 TEXT_BATCH = 8
 _STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -65,7 +67,7 @@ class LatentCache:
         return len(self.items)
 
     def latent(self, index: int) -> torch.Tensor:
-        """Model-space latent [16, h/8, w/8] of item ``index``."""
+        """Model-space latent [C, h/d, w/d] of item ``index`` (FLUX.1: 16 channels at /8; FLUX.2: 128 at /16)."""
         return _load(self._latent_files[index])["latent"]
 
     def text(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,11 +146,11 @@ def build_cache(items: Sequence[DatasetItem], image_encoder: ImageEncoder | None
     by_text = {key: item.caption for key, item in zip(text_keys, items)}
     if empty_caption:
         by_text.setdefault(text_key(""), "")
-    latents = _plan(latent_dir, {k: _latent_shape_check(i) for k, i in by_latent.items()}, image_encoder)
+    latents = _plan(latent_dir, {k: _latent_shape_check(i, image_encoder) for k, i in by_latent.items()},
+                    image_encoder)
     texts = _plan(text_dir, {k: _text_shape_check for k in by_text}, text_encoder)
     _require(image_encoder, latents, len(by_latent), latent_dir, "images have", "the VAE (CLI: model.vae)")
-    _require(text_encoder, texts, len(by_text), text_dir, "captions have",
-             "the text encoders, CLIP-L and T5 (CLI: model.clip_l and model.t5)")
+    _require(text_encoder, texts, len(by_text), text_dir, "captions have", _TEXT_ENCODERS)
 
     total = len(by_latent) + len(by_text)
     done = total - len(latents.missing) - len(texts.missing)
@@ -189,8 +191,7 @@ def build_prompt_cache(prompts: Sequence[str], text_encoder: TextEncoder | None,
     keys = [text_key(p) for p in prompts]
     by_text = dict(zip(keys, prompts))
     texts = _plan(text_dir, {k: _text_shape_check for k in by_text}, text_encoder)
-    _require(text_encoder, texts, len(by_text), text_dir, "prompts have",
-             "the text encoders, CLIP-L and T5 (CLI: model.clip_l and model.t5)")
+    _require(text_encoder, texts, len(by_text), text_dir, "prompts have", _TEXT_ENCODERS)
     with torch.no_grad():
         for _ in _encode_captions(text_encoder, texts, by_text):
             pass
@@ -305,9 +306,16 @@ def _valid(path: Path, check: Callable[[dict[str, list[int]]], bool]) -> bool:
     return True
 
 
-def _latent_shape_check(item: DatasetItem):
-    expected = [item.height // 8, item.width // 8]
-    return lambda shapes: "latent" in shapes and len(shapes["latent"]) == 3 and shapes["latent"][1:] == expected
+def _latent_layout(encoder) -> tuple[int, int]:
+    """(channels, pixels per latent cell) of the encoder's model-space latents; FLUX.1's unless it says otherwise."""
+    return getattr(encoder, "latent_channels", 16), getattr(encoder, "latent_downscale", 8)
+
+
+def _latent_shape_check(item: DatasetItem, encoder):
+    """Without an encoder, a latent of either family's layout is taken (the encoder key says whose it is)."""
+    layouts = [_latent_layout(encoder)] if encoder is not None else [(16, 8), (128, 16)]
+    expected = [[c, item.height // d, item.width // d] for c, d in layouts]
+    return lambda shapes: shapes.get("latent") in expected
 
 
 def _text_shape_check(shapes: dict[str, list[int]]) -> bool:
@@ -316,12 +324,14 @@ def _text_shape_check(shapes: dict[str, list[int]]) -> bool:
 
 def _encode_image(encoder, item: DatasetItem) -> torch.Tensor:
     latents = encoder.encode(item.load_pixels()[None])
-    expected = [1, 16, item.height // 8, item.width // 8]
+    channels, downscale = _latent_layout(encoder)
+    expected = [1, channels, item.height // downscale, item.width // downscale]
     if not torch.is_tensor(latents) or list(latents.shape) != expected:
         got = list(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
         raise TrainerInputError(
             f"image encoder: returned {got} for the {item.width}×{item.height} image '{item.source}', expected "
-            f"{expected}. Use a FLUX.1 VAE (16 latent channels, 8× downsampling)."
+            f"{expected}. Use the VAE of the model being trained (FLUX.1: 16 latent channels at /8; FLUX.2: "
+            f"128 at /16)."
         )
     return _storable(latents[0], "image encoder", f"image '{item.source}'")
 

@@ -203,8 +203,10 @@ def _load_vae_folder(folder: Path, dtype: torch.dtype, device):
     folder = _config_folder(folder, "vae", "VAE")
     config = _read_json(folder / "config.json")
     if config.get("_class_name") != "AutoencoderKL":
+        flux2 = (" — the FLUX.2 VAE, which only FLUX.2 transformers take; a FLUX.1 transformer needs the FLUX.1 VAE"
+                 if config.get("_class_name") == "AutoencoderKLFlux2" else "")
         raise TrainerInputError(f"{folder / 'config.json'} describes a {config.get('_class_name')}, not the FLUX "
-                                "VAE (AutoencoderKL).")
+                                f"VAE (AutoencoderKL){flux2}.")
     if config.get("latent_channels") != LATENT_CHANNELS:
         raise TrainerInputError(_latent_channels_message(config.get("latent_channels"), str(folder)))
     try:

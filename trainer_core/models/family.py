@@ -34,8 +34,22 @@ class ModelFamily:
     target_presets: dict[str, str]  # lora.targets preset name → full-name regex
     single_output: str  # regex of single block {index}'s output projection: the layer "tiny" and "nano" train
     block_lists = ("transformer_blocks", "single_transformer_blocks")  # swappable / checkpointed blocks, in order
+    encoder_fields: tuple[str, ...]  # the CLI's [model] fields naming this family's VAE and text encoder(s)
+    # Validation samples of some of its models use real classifier-free guidance: cache the negative prompt too.
+    uses_negative_prompt = False
+    lora_alpha_tensors = True  # the default LoRA file writes each LoRA's alpha (= its rank: scale 1)
+    text_encoder_loras: tuple[str, ...] = ()  # lora.text_encoders values this family can train
     activation_coeffs: dict[str, tuple[float, ...]]  # the estimator's per-block activations (memory/estimate.py)
     frozen_coeffs: tuple[float, ...]
+
+    def check_lora_config(self, lora_cfg) -> None:
+        """Refuse LoRA settings this family cannot train, before anything is cached or loaded."""
+        if lora_cfg.text_encoders != "none" and lora_cfg.text_encoders not in self.text_encoder_loras:
+            can = (f"it trains {', '.join(repr(t) for t in self.text_encoder_loras)}" if self.text_encoder_loras
+                   else "this trainer trains its transformer only")
+            raise TrainerInputError(
+                f"lora.text_encoders = '{lora_cfg.text_encoders}' is not available for {self.name} ({can}); set "
+                "text_encoders to 'none'.")
 
     def memory_presets(self, config: Mapping[str, Any]) -> dict[str, dict]:
         """The memory tiers (8gb … 80gb → MemoryConfig knobs) sized for a transformer of this ``config``."""
@@ -80,6 +94,42 @@ class ModelFamily:
         fused weight (None: one to one); ValueError for modules without a counterpart."""
         raise NotImplementedError
 
+    def real_cfg(self, config: Mapping[str, Any]) -> bool:
+        """Whether this transformer is sampled with classifier-free guidance against a negative prompt (the
+        guidance scale mixes two predictions) rather than with a guidance value it embeds."""
+        return False
+
+    def lora_architecture(self, config: Mapping[str, Any]) -> str:
+        """``modelspec.architecture`` of a LoRA file for this transformer."""
+        raise NotImplementedError
+
+    def load_vae(self, path, device="cpu"):
+        """This family's VAE as an ``encoders.ImageEncoder`` (images ⇄ the model-space latents the cache holds)."""
+        raise NotImplementedError
+
+    def load_text_encoder(self, paths, device="cpu"):
+        """This family's text conditioning as an ``encoders.TextEncoder``, from the CLI's ``ModelPaths``."""
+        raise NotImplementedError
+
+    def check_model_paths(self, paths, transformer: str) -> None:
+        """Refuse [model] encoder fields of another family, or missing ones of this family, naming both families,
+        before anything loads."""
+        for other in FAMILIES:
+            for field in (f for f in other.encoder_fields if f not in self.encoder_fields):
+                if getattr(paths, field):
+                    raise TrainerInputError(
+                        f"[model] {field}: '{getattr(paths, field)}' is a {other.name} text encoder setting, but "
+                        f"transformer '{transformer}' is a {self.name} transformer. {self.name} takes "
+                        f"{', '.join(self.encoder_fields)}: remove {field} and set those (or choose a {other.name} "
+                        "transformer).")
+        for field in self.encoder_fields:
+            value = getattr(paths, field)
+            if not value:
+                raise TrainerInputError(f"[model] {field}: no file given; a {self.name} transformer needs "
+                                        f"{', '.join(self.encoder_fields)} — set it in the config file.")
+            if not Path(value).expanduser().exists():
+                raise TrainerInputError(f"[model] {field}: '{value}' does not exist; check the path in the config.")
+
     def model_class(self):
         import diffusers
 
@@ -111,6 +161,8 @@ class Flux1Family(ModelFamily):
     latent_channels = 16
     latent_downscale = 8
     single_output = r"single_transformer_blocks\.{index}\.proj_out"
+    encoder_fields = ("vae", "clip_l", "t5")
+    text_encoder_loras = ("clip_l", "t5", "both")
     activation_coeffs = flux.ACTIVATION_COEFFS
     frozen_coeffs = flux.FROZEN_COEFFS
 
@@ -175,6 +227,20 @@ class Flux1Family(ModelFamily):
     def file_config(self, path):
         return flux.flux_file_config(path)
 
+    def lora_architecture(self, config):
+        return "flux-1-dev/lora"
+
+    def load_vae(self, path, device="cpu"):
+        from .encoders import load_vae
+
+        return load_vae(path, device=device)
+
+    def load_text_encoder(self, paths, device="cpu"):
+        from .encoders import load_text_encoders
+
+        return load_text_encoders(paths.clip_l, paths.t5, tokenizer_dir=paths.tokenizers or None,
+                                  t5_max_length=paths.t5_max_length, device=device)
+
     def load_transformer(self, source, dtype=torch.bfloat16, device="cpu", base_precision=None):
         return flux.load_flux_transformer(source, dtype=dtype, device=device, base_precision=base_precision)
 
@@ -191,6 +257,9 @@ class Flux2Family(ModelFamily):
     latent_downscale = flux2.LATENT_DOWNSCALE
     target_presets = flux2.TARGET_PRESETS
     single_output = flux2.SINGLE_OUTPUT
+    encoder_fields = ("vae", "text_encoder")
+    uses_negative_prompt = True  # klein base is undistilled: its samples need real CFG
+    lora_alpha_tensors = False  # diffusers' Flux2LoraLoaderMixin.load_lora_weights refuses ".alpha" keys
     activation_coeffs = flux2.ACTIVATION_COEFFS
     frozen_coeffs = flux2.FROZEN_COEFFS
 
@@ -229,6 +298,23 @@ class Flux2Family(ModelFamily):
 
     def diffusers_module_to_bfl(self, name, inner_dim):
         return flux2.diffusers_module_to_bfl(name, inner_dim)
+
+    def real_cfg(self, config):
+        return not config["guidance_embeds"]  # klein base; dev embeds its guidance value
+
+    def lora_architecture(self, config):
+        return "flux-2-dev/lora" if config["guidance_embeds"] else "flux-2-klein/lora"
+
+    def load_vae(self, path, device="cpu"):
+        from .flux2_encoders import load_flux2_vae
+
+        return load_flux2_vae(path, device=device)
+
+    def load_text_encoder(self, paths, device="cpu"):
+        from .flux2_encoders import load_flux2_text_encoder
+
+        return load_flux2_text_encoder(paths.text_encoder, paths.tokenizers or None, paths.text_max_length,
+                                       device=device)
 
     def file_config(self, path):
         return flux2.flux2_file_config(path)

@@ -298,6 +298,13 @@ def _plan(num_double: int, num_single: int, guidance: bool, width: int) -> list[
             for d, b, p in modules]
 
 
+def bfl_layout(num_double: int, num_single: int, guidance: bool, width: int) -> list[_Entry]:
+    """Every weight of a FLUX.2 transformer of this size: its diffusers key, its BFL checkpoint key, its rows in a
+    fused BFL weight and whether its halves are swapped (the final modulation) — for readers of other layouts of
+    the same weights (ComfyUI's module)."""
+    return _plan(num_double, num_single, guidance, width)
+
+
 def _block_count(keys: set[str], prefix: str) -> int:
     indices = {int(m.group(1)) for k in keys if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
     return max(indices) + 1 if indices else 0
