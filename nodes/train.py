@@ -129,6 +129,7 @@ class FluxLoraTrain:
         from ..trainer_core.lora import read_lora_file
         from ..trainer_core.memory.precision import STORAGE_DTYPES
         from ..trainer_core.train import train_lora
+        from .memory import host_preflight
 
         _check_cache(cache)
         family, variant = bridge.model_family(model), bridge.flux_variant(model)
@@ -152,6 +153,7 @@ class FluxLoraTrain:
         dtype = DTYPES[dtype_name]
         text_encoder = _training_text_encoder(clip, lora_cfg, train_cfg, dtype, family)
         memory = base_memory(memory, bridge.flux_weight_precision(model))
+        host_preflight(model, memory, cache.cache, lora_cfg, train_cfg, device)
         precision = memory.base_precision if memory is not None else "auto"
         storage = STORAGE_DTYPES.get(precision)
         # device=None: the trainer's base weights are the MODEL's own tensors where ComfyUI keeps them, not copies

@@ -1,6 +1,7 @@
 """The command line: the demo runs end to end; train reads TOML and reports bad settings clearly."""
 
 import json
+import logging
 
 import pytest
 
@@ -54,8 +55,10 @@ def test_train_command_names_missing_model_file(tmp_path, capsys):
     assert err.startswith("error:") and "transformer" in err and "nope.safetensors" in err
 
 
-def test_train_command_trains_from_model_files_on_disk(tmp_path, capsys, tiny_model_files):
-    """The headless path end to end: BFL transformer file, diffusers VAE folder, encoder folders + tokenizers."""
+def test_train_command_trains_from_model_files_on_disk(tmp_path, capsys, tiny_model_files, caplog):
+    """The headless path end to end: BFL transformer file, diffusers VAE folder, encoder folders + tokenizers; the
+    memory plan printed before loading gives the host RAM beside the memory estimate."""
+    caplog.set_level(logging.INFO)
     cfg = tmp_path / "run.toml"
     cfg.write_text(tiny_model_files.model_section() + f"""[dataset]
 folder = "{SAMPLES_DIR.as_posix()}"
@@ -77,6 +80,8 @@ folder = "{(tmp_path / 'out').as_posix()}"
     state, meta = read_lora_file(tmp_path / "out" / "mine.safetensors")
     assert meta["base_model"] == "flux.safetensors" and meta["steps"] == "6" and meta["resolutions"] == "64"
     assert (tmp_path / "out" / "samples.png").is_file()
+    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan ("))
+    assert "FLUX.1" in plan and "memory estimate at 64×64" in plan and "host RAM estimate" in plan
 
 
 # --- everything is validated before the first expensive step -----------------------------------------------------

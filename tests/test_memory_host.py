@@ -98,9 +98,12 @@ def test_host_ram_preflight_refuses_and_names_the_knob():
     with pytest.raises(TrainerInputError, match=r'base_precision = "nf4".*offload_activations = false') as info:
         memory.check_host_ram(host, mem, available=12 * GiB)
     assert "host RAM" in str(info.value) and "12.0 GiB is available" in str(info.value)
-    # ComfyUI's MODEL shared instead of copied: the base costs no host RAM of its own
+    # ComfyUI's MODEL shared instead of copied: no second base, only what the plan makes beside it — the fp8
+    # conversion of the blocks while it is applied, and the swapped blocks' pinned packs while training
     shared = estimate_host_ram(vram, None, mem, shared_base=True)
-    assert shared.load_peak == shared.base == 0
+    assert shared.load_peak < host.load_peak and shared.base == shared.pinned_blocks == host.pinned_blocks
+    bf16 = MemoryConfig(base_precision="bf16", gradient_checkpointing=True)
+    assert estimate_host_ram(estimate_vram(None, bf16), None, bf16, shared_base=True).total == 0
 
 
 def test_a_cpu_run_does_not_report_gpu_memory():

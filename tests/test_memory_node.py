@@ -46,7 +46,7 @@ def test_schema_offers_every_preset_and_defaults_to_the_presets_values(pack):
     assert required["blocks_to_swap"][1]["default"] == -1
     knobs = {k: v[1]["default"] for k, v in required.items() if k != "preset"}
     assert pack.memory.overrides(**knobs) == {}  # untouched widgets leave every knob to the preset
-    assert set(schema["optional"]) == {"resolution", "rank"}
+    assert set(schema["optional"]) == {"resolution", "rank", "model"}
     assert pack.memory.FluxLoraMemory.RETURN_TYPES == ("FLUX_LORA_MEMORY", "STRING")
 
 
@@ -140,20 +140,100 @@ def test_train_node_hands_the_memory_config_to_the_trainer(pack, monkeypatch):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(importlib.import_module(f"{PACK}.trainer_core.train"), "train_lora", fake_train_lora)
+    checked = []  # the host-RAM preflight (its own test below) sees the same config first
+    monkeypatch.setattr(pack.memory, "host_preflight", lambda model, mem, *args: checked.append(mem))
     mem, _ = configure(pack, "12gb")["result"]
     data = importlib.import_module(f"{PACK}.nodes.cache").TrainingData([object()], trigger_word="ohwx",
                                                                         resolutions=[512])  # one cached item
     with pytest.raises(RuntimeError, match="stop here"):
         pack.train.FluxLoraTrain().train(object(), data, 4, 4.0, 1e-4, 10, "adamw", "flux_shift", 1.0, 0, 0,
                                          "memory_test", False, memory=mem)
-    assert received["mem_cfg"] is mem
+    assert received["mem_cfg"] is mem and checked == [mem]
 
 
 def test_the_node_shows_host_ram_beside_vram(pack):
     _, text = configure(pack, "8gb")["result"]
     host = text[text.index("host RAM estimate"):]
     assert "swapped blocks pinned" in host and "offloaded activations" in host and "available now" in host
-    pinned = float(re.search(r"of which ([\d.]+) GiB swapped blocks pinned", host).group(1))
+    pinned = float(re.search(r"([\d.]+) GiB swapped blocks pinned", host).group(1))
     assert 8 < pinned < 10  # 45 of FLUX.1-dev's 57 blocks in fp8
     _, roomy = configure(pack, "24gb")["result"]
-    assert "none (every block moves to the GPU" in roomy
+    # the Train node shares ComfyUI's MODEL: without swapped blocks the base costs no host RAM of its own
+    assert "base copy while training: shared with ComfyUI's MODEL (no copy)" in roomy
+
+
+# ----- the MODEL's family, and its base shared with ComfyUI -----
+
+def comfy_model(pack, name: str, **changes):
+    """A stand-in for ComfyUI's MODEL of a shipped FLUX.2 transformer (or FLUX.1-dev): its full-size weights as meta
+    tensors under ComfyUI's module names (BFL names, the q/k norms holding `weight`)."""
+    import torch
+
+    flux, flux2 = (importlib.import_module(f"{PACK}.trainer_core.models.{m}") for m in ("flux", "flux2"))
+    family = importlib.import_module(f"{PACK}.trainer_core.models.family")
+    config = dict(flux.flux_config(name) if name.startswith("flux1") else flux2.flux2_config(name), **changes)
+    with torch.device("meta"):
+        sd = family.detect_family(config).model_class()(**{k: v for k, v in config.items()
+                                                           if not k.startswith("_")}).to(torch.bfloat16).state_dict()
+    bfl = (flux if name.startswith("flux1") else flux2).diffusers_to_bfl(sd)
+    weights = {k[:-len("scale")] + "weight" if k.endswith("_norm.scale") else k: v for k, v in bfl.items()}
+    return _test_nodes.FakeModelPatcher(weights, image_model="flux" if name.startswith("flux1") else "flux2"), config
+
+
+def test_the_node_plans_for_the_family_and_size_of_its_model(pack):
+    model, config = comfy_model(pack, "flux2-klein-4b")
+    mem, text = configure(pack, "8gb", model=model)["result"]
+    workload = pack.engine.Workload(config, 1024)
+    expected = pack.engine.resolve_preset("8gb", workload=workload)
+    assert mem == dataclasses.replace(expected, preset="none")  # klein-4B's 8gb tier, not FLUX.1's
+    assert "FLUX.2" in text and "0 blocks swapped (of 25)" in text
+    peak = float(re.search(r"([\d.]+) GiB peak", text).group(1))
+    assert peak == round(workload.estimate(expected).total_gib, 2)
+    _, flux1 = configure(pack, "8gb")["result"]
+    assert "FLUX.1" in flux1 and "45 blocks swapped (of 57)" in flux1
+    _, dev = configure(pack, "24gb", model=comfy_model(pack, "flux2-dev")[0])["result"]
+    assert "blocks swapped (of 56)" in dev and "0 blocks swapped" not in dev
+
+
+def test_host_ram_counts_the_base_as_shared_with_comfyui(pack):
+    """The Train node trains on the MODEL's own tensors: its host RAM is the plan's conversion and pinned blocks,
+    never a second base; only the weights it must copy (LoRA-patched, other dtype) count as copies."""
+    import torch
+
+    model, config = comfy_model(pack, "flux2-klein-9b")
+    _, text = configure(pack, "24gb", model=model)["result"]  # fp8, nothing swapped
+    host = text[text.index("host RAM estimate"):]
+    assert "shared with ComfyUI's MODEL (no copy)" in host and "preparing the base" in host
+    shown = float(re.search(r"preparing the base[^:]*: ([\d.]+) GiB", host).group(1))
+    cli = pack.engine.estimate_host_ram(pack.engine.Workload(config).estimate(
+        pack.engine.resolve_preset("24gb", workload=pack.engine.Workload(config))), config,
+        pack.engine.resolve_preset("24gb", workload=pack.engine.Workload(config)))
+    assert shown < cli.load_peak / 2**30 - 0.5  # the fp8 blocks only: no bf16 base, no outside weights
+    facts = pack.memory.model_facts
+    assert facts(model)[2] == 0
+    key = "diffusion_model.double_blocks.0.img_mlp.0.weight"
+    weight = model.sd[key]
+    model.patches = {key: [(1.0, None)]}  # a LoRA applied to the MODEL: the merged weight is a copy
+    assert facts(model)[2] == weight.numel() * 2
+    model.patches = {}
+    with torch.inference_mode():  # an fp8 weight (Load Diffusion Model's weight_dtype): copied into bf16
+        model.model.get_submodule("diffusion_model.double_blocks.0.img_mlp.0").weight = torch.nn.Parameter(
+            weight.to(torch.float8_e4m3fn), requires_grad=False)
+    assert facts(model)[2] == weight.numel() * 2
+
+
+def test_train_node_preflight_counts_the_shared_base(pack, monkeypatch):
+    """The Train node's host-RAM check before it touches the MODEL: klein-4B's bf16 plan needs no host RAM beyond
+    the process (refused only below that), where a CLI run would need the whole base."""
+    import torch
+
+    model, config = comfy_model(pack, "flux2-klein-4b")
+    cache = SimpleNamespace(sizes=[(1024, 1024)], text=lambda i: (torch.zeros(512, 7680), torch.zeros(0)))
+    lora_cfg, train_cfg = pack.train.configs(16, 16.0, 1e-4, 10, "adamw", "sigmoid", 1.0, 0, 0, "bf16")
+    mem = pack.config.MemoryConfig(preset="24gb")  # klein-4B's: bf16 base, nothing swapped
+    presets = importlib.import_module(f"{PACK}.trainer_core.memory.presets")
+    monkeypatch.setattr(presets, "available_host_bytes", lambda: 2 * 2**30)
+    pack.memory.host_preflight(model, mem, cache, lora_cfg, train_cfg, torch.device("cuda"))
+    monkeypatch.setattr(presets, "available_host_bytes", lambda: 2**29)
+    with pytest.raises(pack.errors.TrainerInputError, match="host RAM"):
+        pack.memory.host_preflight(model, mem, cache, lora_cfg, train_cfg, torch.device("cuda"))

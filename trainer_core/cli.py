@@ -147,6 +147,7 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
         transformer = load_transformer(None)
     else:
         from . import memory
+        from .models.family import detect_family
 
         live_text = text_encoder is not None
         workload = memory.Workload.for_training(model_config, cache.sizes,
@@ -157,10 +158,11 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
         models = [getattr(text_encoder, name, None) for name in ("clip_model", "t5_model", "model")]
         live_bytes = sum(p.numel() * p.element_size() for m in models if m is not None
                          for p in m.parameters()) if live_text else 0
-        memory.check_host_ram(memory.estimate_host_ram(vram, model_config, mem_cfg,
-                                                       compute_dtype=run.train.compute_dtype,
-                                                       text_encoder_bytes=live_bytes, text_encoders_live=live_text),
-                              mem_cfg)
+        host = memory.estimate_host_ram(vram, model_config, mem_cfg, compute_dtype=run.train.compute_dtype,
+                                        text_encoder_bytes=live_bytes, text_encoders_live=live_text)
+        log.info("memory plan (%s, %s): %s\n%s", mem_cfg.preset, detect_family(model_config).name, vram.summary(),
+                 host.summary())
+        memory.check_host_ram(host, mem_cfg)
         transformer = load_transformer(None if mem_cfg.base_precision == "auto" else mem_cfg.base_precision)
 
     main = distributed.is_main()

@@ -34,24 +34,12 @@ from .swap import spread
 GiB = 2**30
 MiB = 2**20
 
-# Per block, in units of u. S: tensors kept from forward to backward without checkpointing. P: peak of one
-# block's recomputation + backward above what was live before it (checkpointing). Q: transient on top of the
-# saved tensors without checkpointing. Keys: LoRA target preset, for blocks holding LoRA layers (custom regexes
-# use the largest, "all+ffs"); blocks without any (after the first that has one) use _FROZEN, blocks before it
-# keep nothing. Measured on the CPU (see the module docstring); "context", "tiny" and "nano" are bounded from
-# neighbouring measurements.
-_COEFFS = {  # (S_double, S_single, P_double, P_single, Q_double, Q_single)
-    "attention": (15.6, 14.3, 22.6, 29.3, 7.2, 13.0),
-    "attention+ffs": (21.2, 19.6, 28.6, 31.7, 7.3, 10.1),
-    "mmdit": (15.6, 13.1, 22.6, 28.0, 7.2, 13.0),
-    "all": (19.9, 21.6, 26.1, 32.7, 6.3, 9.1),
-    "all+ffs": (25.0, 23.8, 32.5, 32.9, 6.4, 9.1),
-    "context": (12.6, 13.1, 22.6, 28.0, 7.2, 13.0),
-    "context+ffs": (13.4, 13.1, 28.6, 28.0, 7.3, 13.0),
-    "tiny": (14.1, 14.3, 21.1, 29.3, 7.2, 13.0),
-    "nano": (14.1, 14.3, 21.1, 29.3, 7.2, 13.0),
-}
-_FROZEN = (14.1, 13.1, 21.1, 28.0, 7.2, 13.0)  # a block without LoRA whose input still needs its gradient
+# Per block, in units of u, measured per family (the family's ``activation_coeffs``, keyed by LoRA target preset,
+# and ``frozen_coeffs``), each a tuple (S_double, S_single, P_double, P_single, Q_double, Q_single). S: tensors kept
+# from forward to backward without checkpointing. P: peak of one block's recomputation + backward above what was
+# live before it (checkpointing). Q: transient on top of the saved tensors without checkpointing. Blocks holding
+# LoRA layers use their preset's entry (custom regexes the largest, "all+ffs"); blocks without any (after the first
+# that has one) use the frozen entry, blocks before it keep nothing.
 _CUDA_RMSNORM_SAVING = 2.0  # u per block: fused RMSNorm on CUDA keeps bf16 inputs, not fp32 copies
 _MISC_ACTIVATIONS = 1.5  # u: embedders' outputs, final norm, loss
 _OFFLOAD_IN_FLIGHT = 3.0  # u: inputs of the block computing, one being written out, two fetched ahead
@@ -156,13 +144,23 @@ class VramEstimate:
         return "\n".join(lines)
 
 
-def _meta_model(model_config: dict | None) -> nn.Module:
-    """The model's module tree on the meta device (shapes only), cached per config."""
+def _default_config(model_config: dict | None) -> dict:
     if model_config is None:
         from ..models.flux import flux_config
 
-        model_config = flux_config("flux1-dev")
-    config = {k: v for k, v in model_config.items() if not k.startswith("_")}
+        return flux_config("flux1-dev")
+    return model_config
+
+
+def _family(model_config: dict | None):
+    from ..models.family import detect_family
+
+    return detect_family(_default_config(model_config))
+
+
+def _meta_model(model_config: dict | None) -> nn.Module:
+    """The model's module tree on the meta device (shapes only), cached per config."""
+    config = {k: v for k, v in _default_config(model_config).items() if not k.startswith("_")}
     return _meta_model_cached(json.dumps(config, sort_keys=True))
 
 
@@ -173,6 +171,12 @@ def _meta_model_cached(config_json: str) -> nn.Module:
     config = json.loads(config_json)
     with torch.device("meta"):
         return detect_family(config).model_class()(**config)
+
+
+def _image_tokens(family, width: int, height: int) -> int:
+    """Image tokens of a ``width`` × ``height`` picture (both FLUX families: one token per 16×16 pixels)."""
+    _, h, w = family.latent_shape(height, width)
+    return family.image_token_count(h, w)
 
 
 def _linear_bytes(linear: nn.Linear, precision: str, compute_bytes: int) -> int:
@@ -288,6 +292,7 @@ def estimate_vram(
     optimizer = mem.optimizer or optimizer or "adamw"
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     model = _meta_model(model_config)
+    family = _family(model_config)
     cb = DTYPE_BYTES[compute_dtype]
     lb = DTYPE_BYTES[mem.lora_dtype]
     precision = mem.base_precision
@@ -309,7 +314,7 @@ def estimate_vram(
     opt = _optimizer_bytes(lora_params, optimizer, lb)
 
     hidden = model.inner_dim
-    image_tokens = (height // 16) * (width // 16)
+    image_tokens = _image_tokens(family, width, height)
     tokens = image_tokens + text_tokens
     u = batch * tokens * hidden * cb
     # Without a fused kernel, PyTorch's math attention computes in fp32 and materialises softmax(QKᵀ)
@@ -317,9 +322,12 @@ def estimate_vram(
     # their gradient add as much again while computing (measured by the dry run's test).
     attn = 0.0 if fused_attention else model.config.num_attention_heads * tokens * 4 / (hidden * cb)
     attn_extra = (attn,) * 2 + (2 * attn,) * 4  # added to S, S, P, P, Q, Q
-    cuda_saving = (_CUDA_RMSNORM_SAVING,) * 4 + (0.0, 0.0) if device_type == "cuda" else (0.0,) * 6
-    with_lora = [c - d + a for c, d, a in zip(_COEFFS.get(targets, _COEFFS["all+ffs"]), cuda_saving, attn_extra)]
-    frozen = [c - d + a for c, d, a in zip(_FROZEN, cuda_saving, attn_extra)]
+    # fp32 compute: the composite RMSNorm's up-cast is the input itself, no copy either
+    rmsnorm_saving = (_CUDA_RMSNORM_SAVING,) * 4 + (0.0, 0.0) if device_type == "cuda" or compute_dtype == "fp32" \
+        else (0.0,) * 6
+    coeffs = family.activation_coeffs
+    with_lora = [c - d + a for c, d, a in zip(coeffs.get(targets, coeffs["all+ffs"]), rmsnorm_saving, attn_extra)]
+    frozen = [c - d + a for c, d, a in zip(family.frozen_coeffs, rmsnorm_saving, attn_extra)]
     # Walk the backward pass block by block (last block first). Alive at each block: the saved inputs of the
     # checkpointed blocks not yet reached (or, offloaded, the few in flight), everything saved by the
     # uncheckpointed ones not yet reached, the LoRA gradients filled so far, and this block's own transient
@@ -390,7 +398,7 @@ def flux_forward_flops(model_config: dict | None = None, *, resolution: int | tu
     """Forward FLOPs of one FLUX call: 2·MACs of every linear layer on its tokens, plus attention (QKᵀ and AV)."""
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     model = _meta_model(model_config)
-    image, text = (height // 16) * (width // 16), text_tokens
+    image, text = _image_tokens(_family(model_config), width, height), text_tokens
     tokens = image + text
     d = model.inner_dim
     flops = 0
@@ -427,7 +435,8 @@ class HostRamEstimate:
 
     base: int  # the trainer's copy of the frozen base while training: all of it on a CPU run, else swapped blocks
     pinned_blocks: int  # of which swapped blocks in page-locked memory (the only host copy of those blocks)
-    load_peak: int  # while the base loads: final resident base + one block in the compute dtype (streamed)
+    load_peak: int  # while the base loads: final resident base + one block in the compute dtype (streamed); on a
+    # shared base, what is made beside it: copied weights and the plan's storage conversion
     pinned_activations: int  # checkpointed block inputs offloaded to page-locked memory
     training: int  # LoRA, gradients, optimizer state and activations, when training on the CPU
     text_encoders: int  # while caching (and while training when they stay live)
@@ -450,8 +459,10 @@ class HostRamEstimate:
 
     def summary(self) -> str:
         phase, peak = max(self.phases.items(), key=lambda kv: kv[1])
-        if self.shared_base:
+        if self.shared_base and not self.pinned_blocks:
             base = "shared with ComfyUI's MODEL (no copy)"
+        elif self.shared_base:
+            base = f"shared with ComfyUI's MODEL, + {fmt_bytes(self.pinned_blocks)} swapped blocks pinned"
         elif not self.base:
             base = "none (every block moves to the GPU after loading)"
         else:
@@ -459,7 +470,8 @@ class HostRamEstimate:
                                            if self.pinned_blocks else "")
         rows = [
             ("base copy while training", base),
-            ("loading the base (streamed, peak)", fmt_bytes(self.load_peak) if self.load_peak else ""),
+            ("preparing the base (copies and conversions beside ComfyUI's)" if self.shared_base else
+             "loading the base (streamed, peak)", fmt_bytes(self.load_peak) if self.load_peak else ""),
             ("offloaded activations (pinned)", fmt_bytes(self.pinned_activations) if self.pinned_activations else ""),
             ("training on the CPU (LoRA, optimizer, activations)", fmt_bytes(self.training) if self.training else ""),
             ("text encoders" + (" (kept for training)" if self.text_encoders_live else " (while caching)"),
@@ -473,13 +485,15 @@ class HostRamEstimate:
 
 def estimate_host_ram(vram: VramEstimate, model_config: dict | None, mem: MemoryConfig, *, compute_dtype: str = "bf16",
                       text_encoder_bytes: int = 0, text_encoders_live: bool = False,
-                      shared_base: bool = False) -> HostRamEstimate:
+                      shared_base: bool = False, copied_base_bytes: int = 0) -> HostRamEstimate:
     """Host RAM of the plan ``vram`` was estimated for (its ``device_type`` says where training runs).
 
     ``text_encoder_bytes``: the loaded text encoders (and VAE) — held while caching, and throughout when
     ``text_encoders_live`` (text-encoder LoRA, shuffled tags); ``shared_base``: the trainer works on tensors
-    someone else already holds (ComfyUI's MODEL), so the base costs nothing extra. The latent cache is read
-    from disk one batch at a time and is not counted.
+    someone else already holds (ComfyUI's MODEL in host RAM), so the base itself costs nothing extra — only
+    ``copied_base_bytes`` (the weights it had to copy: LoRA-patched, quantized or in another dtype), the block
+    linears converted to another storage precision while the plan is applied (before they move to the GPU), and
+    the swapped blocks' pinned packs. The latent cache is read from disk one batch at a time and is not counted.
     """
     model = _meta_model(model_config)
     cb = DTYPE_BYTES[compute_dtype]
@@ -498,8 +512,16 @@ def estimate_host_ram(vram: VramEstimate, model_config: dict | None, mem: Memory
     biggest_block = max(block_bytes(b, "auto", cb) for b in blocks)
     notes = []
     if shared_base:
-        base = load_peak = pinned = 0
-        notes.append("the base is ComfyUI's own copy; training adds no second one")
+        # Converting to another storage precision makes new tensors beside ComfyUI's (a copied weight is replaced by
+        # its conversion instead, so only the shared share adds); they leave host RAM as they move to the GPU.
+        in_compute = outside + sum(block_bytes(b, "auto", cb) for b in blocks)
+        converts = block_bytes(blocks[0], mem.base_precision, cb) != block_bytes(blocks[0], "auto", cb)
+        shared_share = max(0.0, 1.0 - copied_base_bytes / in_compute)
+        load_peak = int(copied_base_bytes + (sum(stored) * shared_share if converts else 0))
+        base = load_peak if on_cpu else pinned  # on a GPU only the swapped blocks' pinned packs stay
+        notes.append("the base is ComfyUI's own copy; training adds no second one"
+                     + (f" (it copies {fmt_bytes(copied_base_bytes)} of LoRA-patched, quantized or other-dtype "
+                        "weights)" if copied_base_bytes else ""))
     else:
         base = vram.weights + pinned if on_cpu else pinned
         load_peak = whole + biggest_block

@@ -74,14 +74,18 @@ def _as_cast_linear(module: nn.Module) -> None:
         module.__class__ = CastLinear
 
 
-def _block_linears(transformer: nn.Module, blocks: list[nn.Module] | None = None):
-    """(parent, attribute, Linear) for every plain frozen Linear inside the blocks (LoRA's own layers excluded)."""
+def _block_linears(transformer: nn.Module, blocks: list[nn.Module] | None = None,
+                   only: list[nn.Module] | None = None):
+    """(parent, attribute, Linear) for every plain frozen Linear inside the blocks (LoRA's own layers excluded), or
+    for those of ``only``."""
+    wanted = None if only is None else {id(m) for m in only}
     for block in transformer_blocks(transformer) if blocks is None else blocks:
         for parent in block.modules():
             if isinstance(parent, nn.ModuleDict):
                 continue  # peft's lora_A / lora_B containers
             for attr, child in parent.named_children():
-                if isinstance(child, nn.Linear) and not child.weight.requires_grad:
+                if isinstance(child, nn.Linear) and not child.weight.requires_grad \
+                        and (wanted is None or id(child) in wanted):
                     yield parent, attr, child
 
 
@@ -132,21 +136,24 @@ def _to_storage(weight: torch.Tensor, storage: torch.dtype, work: torch.device |
     return weight.to(storage).to(home)
 
 
-def store_block(block: nn.Module, precision: str, compute_dtype: torch.dtype) -> None:
-    """One freshly loaded block's frozen linears to their storage precision (the streaming loader's step).
+def store_block(block: nn.Module, precision: str, compute_dtype: torch.dtype,
+                linears: list[nn.Module] | None = None) -> None:
+    """A freshly loaded block's frozen linears (or only ``linears`` of it) to their storage precision (the streaming
+    loader's step, one linear at a time as each is read).
 
     fp8 (or another plain storage dtype) becomes the weights' dtype now — :func:`apply_storage_casts` later
     only switches the layers to cast on use; nf4/int8 layers become bitsandbytes layers, which
     :func:`apply_base_precision` then leaves alone.
     """
-    block.requires_grad_(False)
+    for module in linears or [block]:
+        module.requires_grad_(False)
     if precision in ("nf4", "int8"):
-        quantize_block_linears(block, precision, compute_dtype, blocks=[block])
+        quantize_block_linears(block, precision, compute_dtype, blocks=[block], only=linears)
         return
     storage = STORAGE_DTYPES.get(precision)
     if storage is None or storage == compute_dtype:
         return
-    for _, _, linear in _block_linears(block, [block]):
+    for _, _, linear in _block_linears(block, [block], linears):
         if linear.weight.dtype != storage:  # already stored so (e.g. a ComfyUI fp8 MODEL's own tensor): kept as is
             linear.weight.data = _to_storage(linear.weight.data, storage)
 
@@ -171,14 +178,14 @@ def lora_compute_in_input_dtype(transformer: nn.Module, lora_dtype: torch.dtype,
 
 
 def quantize_block_linears(transformer: nn.Module, precision: str, compute_dtype: torch.dtype,
-                           blocks: list[nn.Module] | None = None) -> int:
-    """Replace the blocks' (default: all) Linear layers with bitsandbytes nf4 or int8 layers (quantized on the
-    GPU if any)."""
+                           blocks: list[nn.Module] | None = None, only: list[nn.Module] | None = None) -> int:
+    """Replace the blocks' (default: all) Linear layers (or only those of ``only``) with bitsandbytes nf4 or int8
+    layers (quantized on the GPU if any)."""
     import bitsandbytes as bnb
 
     quant_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     count = 0
-    for parent, attr, linear in list(_block_linears(transformer, blocks)):
+    for parent, attr, linear in list(_block_linears(transformer, blocks, only)):
         if type(linear) not in (nn.Linear, CastLinear):
             continue
         home = linear.weight.device

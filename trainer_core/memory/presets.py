@@ -13,7 +13,9 @@ tokens) on a card of that size, leaving room for the CUDA context and allocator 
 | 48gb | bf16 | 0              | 13 (last 44 keep theirs) | GPU       | yes     | 1     | adamw     | 37.7 / 27.6 GiB     |
 | 80gb | bf16 | 0              | none                   | GPU         | yes     | 2     | adamw     | 61.6 / 35.5 GiB     |
 
-LoRA master weights are fp32 in every tier. ``auto`` takes the largest tier whose estimate fits the free
+These are FLUX.1's tiers. Other families size the same tier names for their models (``ModelFamily.memory_presets``;
+FLUX.2 klein-4B, klein-9B and dev each have their own, see ``models/flux2.py``): a tier names the card, and the plan
+that fits it depends on the model. LoRA master weights are fp32 in every tier. ``auto`` takes the largest tier whose estimate fits the free
 VRAM (or ``vram_budget_gb``) for the actual resolution, batch, rank and targets; for a tier that swaps blocks
 it then takes the same tier with an nf4 base and the fewest swapped blocks that fit instead, when that plan's
 step-time floor (transfers at ``H2D_GB_PER_S`` vs FLOPs at ``GPU_TFLOPS``, see ``VramEstimate.bound``) is lower.
@@ -110,8 +112,19 @@ def fits(estimate: VramEstimate, budget: int) -> bool:
     return estimate.total * FIT_MARGIN + FIT_RESERVE <= budget
 
 
-def _tier(name: str, overrides: dict) -> MemoryConfig:
-    return MemoryConfig(**{**PRESET_TABLE[name], **overrides, "preset": name})
+def preset_table(model_config: dict | None = None) -> dict[str, dict]:
+    """The tiers sized for the family (and size) of ``model_config`` (default FLUX.1-dev): the same names for
+    every model, each the plan for that card size — FLUX.2 dev needs far more swapping at 24gb than klein-4B."""
+    if model_config is None:
+        return PRESET_TABLE
+    from ..models.family import detect_family
+
+    return detect_family(model_config).memory_presets(model_config)
+
+
+def _tier(name: str, overrides: dict, workload: Workload | None = None) -> MemoryConfig:
+    table = preset_table(workload.model_config if workload is not None else None)
+    return MemoryConfig(**{**table[name], **overrides, "preset": name})
 
 
 def resolve_preset(name: str, overrides: dict | None = None, free_bytes: int | None = None,
@@ -129,7 +142,7 @@ def resolve_preset(name: str, overrides: dict | None = None, free_bytes: int | N
     if name == "none":
         return MemoryConfig(**overrides).validate()
     if name != "auto":
-        return _tier(name, overrides).validate()
+        return _tier(name, overrides, workload).validate()
     budget = int(overrides["vram_budget_gb"] * GiB) if overrides.get("vram_budget_gb") else free_bytes
     if budget is None:
         budget = free_vram_bytes()
@@ -138,7 +151,7 @@ def resolve_preset(name: str, overrides: dict | None = None, free_bytes: int | N
         return MemoryConfig(**overrides, preset="none").validate()
     workload = workload or Workload()
     for tier in TIERS_LARGEST_FIRST:
-        mem = _tier(tier, overrides)
+        mem = _tier(tier, overrides, workload)
         try:
             mem.validate()
         except TrainerInputError:
@@ -149,7 +162,7 @@ def resolve_preset(name: str, overrides: dict | None = None, free_bytes: int | N
             log.info("memory.preset auto: %.1f GiB available → tier %s (%s base, %d blocks swapped; %s)",
                      budget / GiB, tier, mem.base_precision, mem.blocks_to_swap, estimate.time_summary())
             return mem
-    return _tier(TIERS_LARGEST_FIRST[-1], overrides).validate()
+    return _tier(TIERS_LARGEST_FIRST[-1], overrides, workload).validate()
 
 
 def _faster_variant(mem: MemoryConfig, estimate: VramEstimate, overrides: dict, budget: int,
@@ -178,7 +191,7 @@ def check_fits(estimate: VramEstimate, mem: MemoryConfig, budget: int | None, wo
         return
     workload = workload or Workload()
     overrides = {k: getattr(mem, k) for k in ("lora_dtype", "prefetch_blocks", "vram_budget_gb")}
-    smaller = [t for t in TIERS_LARGEST_FIRST if fits(workload.estimate(_tier(t, overrides)), budget)]
+    smaller = [t for t in TIERS_LARGEST_FIRST if fits(workload.estimate(_tier(t, overrides, workload)), budget)]
     if smaller:
         fix = f"use memory.preset = \"{smaller[0]}\" (or \"auto\")"
     else:
@@ -218,7 +231,10 @@ def check_host_ram(estimate: HostRamEstimate, mem: MemoryConfig, available: int 
     if need <= available:
         return
     knobs = []
-    if estimate.phases["loading the base"] >= estimate.phases["training"] or estimate.training:
+    if estimate.shared_base and estimate.load_peak and mem.base_precision not in ("auto", "bf16", "fp32"):
+        # a base shared with ComfyUI: converting it is what costs RAM, not its precision
+        knobs.append('memory.base_precision = "auto" (trains on ComfyUI\'s weights as loaded, converting none)')
+    elif estimate.phases["loading the base"] >= estimate.phases["training"] or estimate.training:
         if mem.base_precision in ("auto", "bf16", "fp32"):
             knobs.append('memory.base_precision = "fp8" (or "nf4")')
         elif mem.base_precision == "fp8":

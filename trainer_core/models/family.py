@@ -39,6 +39,8 @@ class ModelFamily:
     uses_negative_prompt = False
     lora_alpha_tensors = True  # the default LoRA file writes each LoRA's alpha (= its rank: scale 1)
     text_encoder_loras: tuple[str, ...] = ()  # lora.text_encoders values this family can train
+    activation_coeffs: dict[str, tuple[float, ...]]  # the estimator's per-block activations (memory/estimate.py)
+    frozen_coeffs: tuple[float, ...]
 
     def check_lora_config(self, lora_cfg) -> None:
         """Refuse LoRA settings this family cannot train, before anything is cached or loaded."""
@@ -48,6 +50,10 @@ class ModelFamily:
             raise TrainerInputError(
                 f"lora.text_encoders = '{lora_cfg.text_encoders}' is not available for {self.name} ({can}); set "
                 "text_encoders to 'none'.")
+
+    def memory_presets(self, config: Mapping[str, Any]) -> dict[str, dict]:
+        """The memory tiers (8gb … 80gb → MemoryConfig knobs) sized for a transformer of this ``config``."""
+        raise NotImplementedError
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the latent of a ``height`` × ``width`` pixel image."""
@@ -163,6 +169,13 @@ class Flux1Family(ModelFamily):
     single_output = r"single_transformer_blocks\.{index}\.proj_out"
     encoder_fields = ("vae", "clip_l", "t5")
     text_encoder_loras = ("clip_l", "t5", "both")
+    activation_coeffs = flux.ACTIVATION_COEFFS
+    frozen_coeffs = flux.FROZEN_COEFFS
+
+    def memory_presets(self, config):
+        from ..memory.presets import PRESET_TABLE  # dev and schnell are the same size: one table
+
+        return PRESET_TABLE
 
     @property
     def target_presets(self) -> dict[str, str]:
@@ -272,6 +285,11 @@ class Flux2Family(ModelFamily):
     encoder_fields = ("vae", "text_encoder")
     uses_negative_prompt = True  # klein base is undistilled: its samples need real CFG
     lora_alpha_tensors = False  # diffusers' Flux2LoraLoaderMixin.load_lora_weights refuses ".alpha" keys
+    activation_coeffs = flux2.ACTIVATION_COEFFS
+    frozen_coeffs = flux2.FROZEN_COEFFS
+
+    def memory_presets(self, config):
+        return flux2.memory_presets(config)
 
     def pack_latents(self, latents):
         return flux2.pack_latents(latents)
@@ -327,11 +345,10 @@ class Flux2Family(ModelFamily):
                                        device=device)
 
     def file_config(self, path):
-        return None  # the estimator's FLUX.2 numbers are not calibrated yet: the session plans once it is loaded
+        return flux2.flux2_file_config(path)
 
     def load_transformer(self, source, dtype=torch.bfloat16, device="cpu", base_precision=None):
-        # Not streamed yet: loaded at ``dtype``, then converted to the planned precision by memory.prepare_base.
-        return flux2.load_flux2_transformer(source, dtype=dtype, device=device)
+        return flux2.load_flux2_transformer(source, dtype=dtype, device=device, base_precision=base_precision)
 
     def check_transformer(self, path: Path) -> None:
         flux2.check_flux2_transformer(path)

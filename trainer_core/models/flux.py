@@ -51,6 +51,23 @@ def flux_config(name: str) -> dict:
     return json.loads(json.dumps(FLUX_CONFIGS[name]))
 
 
+# The estimator's activation coefficients (memory/estimate.py explains S, P, Q and the unit u), measured on narrow
+# FLUX.1 blocks (head dim 128, hidden 512 and 1024); "context", "tiny" and "nano" are bounded from neighbouring
+# measurements.
+ACTIVATION_COEFFS = {  # (S_double, S_single, P_double, P_single, Q_double, Q_single)
+    "attention": (15.6, 14.3, 22.6, 29.3, 7.2, 13.0),
+    "attention+ffs": (21.2, 19.6, 28.6, 31.7, 7.3, 10.1),
+    "mmdit": (15.6, 13.1, 22.6, 28.0, 7.2, 13.0),
+    "all": (19.9, 21.6, 26.1, 32.7, 6.3, 9.1),
+    "all+ffs": (25.0, 23.8, 32.5, 32.9, 6.4, 9.1),
+    "context": (12.6, 13.1, 22.6, 28.0, 7.2, 13.0),
+    "context+ffs": (13.4, 13.1, 28.6, 28.0, 7.3, 13.0),
+    "tiny": (14.1, 14.3, 21.1, 29.3, 7.2, 13.0),
+    "nano": (14.1, 14.3, 21.1, 29.3, 7.2, 13.0),
+}
+FROZEN_COEFFS = (14.1, 13.1, 21.1, 28.0, 7.2, 13.0)  # a block without LoRA whose input still needs its gradient
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The mapping table: diffusers module → (BFL module, part of a fused weight or None).
 # Part p of a fused weight is rows [p·width, (p+1)·width); the last part of linear1 is the MLP (4·width rows).
@@ -416,35 +433,43 @@ def diffusers_to_bfl(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # Loading.
 
 def _empty_model(config: dict):
+    """The transformer of ``config`` on the meta device (its ``_class_name``: any family's; default FLUX.1's)."""
+    import diffusers
     from accelerate import init_empty_weights
-    from diffusers import FluxTransformer2DModel
 
+    model_class = getattr(diffusers, config.get("_class_name", "FluxTransformer2DModel"))
     with init_empty_weights():
-        return FluxTransformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        return model_class.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
 
-def _adopt(model, sd: dict[str, torch.Tensor], name: str) -> None:
-    """Make the tensors of ``sd`` (part of the model) its parameters, after checking their shapes."""
-    expected = model.state_dict()
+def _adopt(model, sd: dict[str, torch.Tensor], name: str, refuse=None) -> None:
+    """Make the tensors of ``sd`` (part of the model) its parameters, after checking their shapes.
+
+    ``refuse(name, keys, detail)``: the family's "not a transformer of this family" error (default FLUX.1's)."""
     for key, tensor in sd.items():
-        if tuple(expected[key].shape) != tuple(tensor.shape):
-            raise _not_flux(name, sd.keys(), f"'{key}' has shape {tuple(tensor.shape)}, expected "
-                                             f"{tuple(expected[key].shape)}")
+        module_name, _, attr = key.rpartition(".")
+        expected = getattr(model.get_submodule(module_name), attr)
+        if tuple(expected.shape) != tuple(tensor.shape):
+            raise (refuse or _not_flux)(name, sd.keys(), f"'{key}' has shape {tuple(tensor.shape)}, expected "
+                                                         f"{tuple(expected.shape)}")
     # assign=True adopts the loaded tensors as the parameters: no second copy of the weights.
     model.load_state_dict(sd, strict=False, assign=True)
 
 
-def _groups(entries: list[_Entry]) -> list[tuple[int | None, list[_Entry]]]:
-    """Entries grouped by transformer block in execution order (index into ``transformer_blocks``), the
-    parameters outside the blocks first (index None)."""
-    groups: dict[tuple[int, int], list[_Entry]] = {}
+def _groups(entries) -> list[tuple[int | None, str, list]]:
+    """Entries grouped by module (a linear's weight and bias together) in execution order: (index of its block in
+    ``transformer_blocks`` or None outside the blocks, module name, entries), the modules outside the blocks first.
+    Works for every family whose entries carry a ``diffusers_key``."""
+    groups: dict[tuple[int, int, str], list] = {}
     for e in entries:
+        module = e.diffusers_key.rsplit(".", 1)[0]
         match = re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.", e.diffusers_key)
-        key = (0, 0) if not match else (1 if match.group(1) == "transformer_blocks" else 2, int(match.group(2)))
+        key = (0, 0, module) if not match else \
+            (1 if match.group(1) == "transformer_blocks" else 2, int(match.group(2)), module)
         groups.setdefault(key, []).append(e)
-    n_double = 1 + max((i for kind, i in groups if kind == 1), default=-1)
-    return [(None if kind == 0 else i if kind == 1 else n_double + i, group)
-            for (kind, i), group in sorted(groups.items())]
+    n_double = 1 + max((i for kind, i, _ in groups if kind == 1), default=-1)
+    return [(None if kind == 0 else i if kind == 1 else n_double + i, module, group)
+            for (kind, i, module), group in sorted(groups.items(), key=lambda kv: kv[0][:2])]
 
 
 @functools.cache
@@ -464,24 +489,26 @@ def _return_freed_memory() -> None:
         trim(0)
 
 
-def _stream(model, entries: list[_Entry], read_group, name: str, dtype: torch.dtype, base_precision: str | None):
-    """Fill the meta-device ``model`` group by group, each block going to its storage precision at once.
+def _stream(model, entries, read_group, name: str, dtype: torch.dtype, base_precision: str | None, refuse=None):
+    """Fill the meta-device ``model`` module by module, each block linear going to its storage precision at once.
 
-    ``read_group(entries)`` → the diffusers state dict of one group in the compute dtype; a block's tensors are
-    in the compute dtype only until :func:`store_block` has converted them, so the peak is the final model plus
-    one block — never the whole model in bf16 on the way to fp8/nf4/int8.
+    ``read_group(entries)`` → the diffusers state dict of one module in the compute dtype; a linear's weight is in the
+    compute dtype only until :func:`store_block` has converted it, so the peak is the final model plus one linear
+    (and the file pages it was read from) — never the whole model, nor a whole block, in bf16 on the way to
+    fp8/nf4/int8. ``refuse``: the family's error for a file of another shape (default FLUX.1's).
     """
     from ..memory.precision import store_block, transformer_blocks
 
     blocks = transformer_blocks(model)
-    for index, group in _groups(entries):
-        _adopt(model, read_group(group), name)
-        if index is not None and base_precision:
-            store_block(blocks[index], base_precision, dtype)
+    for index, module_name, group in _groups(entries):
+        _adopt(model, read_group(group), name, refuse)
+        module = model.get_submodule(module_name)
+        if index is not None and base_precision and isinstance(module, torch.nn.Linear):
+            store_block(blocks[index], base_precision, dtype, linears=[module])
             _return_freed_memory()
     left = [k for k, t in model.state_dict().items() if t.is_meta]
     if left:
-        raise _not_flux(name, left, "these tensors were never loaded")
+        raise (refuse or _not_flux)(name, left, "these tensors were never loaded")
     return model.eval()
 
 
@@ -571,7 +598,7 @@ def load_flux_transformer(source: Source, dtype: torch.dtype = torch.bfloat16, d
         entries, config = _infer(TensorReader.from_file(handle, path))
 
     def read(group: list[_Entry]) -> dict[str, torch.Tensor]:
-        # Opened per block: closing the file unmaps the pages just read, so they do not stay in the process's
+        # Opened per module: closing the file unmaps the pages just read, so they do not stay in the process's
         # resident set beside the converted weights (the whole file would otherwise end up resident).
         with open_safetensors(path, "FLUX.1 transformer file") as handle:
             return _convert(TensorReader.from_file(handle, path), group, dtype, device, copy=True)

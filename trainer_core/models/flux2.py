@@ -27,7 +27,7 @@ from typing import Mapping
 import torch
 
 from ..errors import TrainerInputError
-from .flux import BFL_PREFIX, CONFIG_DIR, Source, TensorReader, open_safetensors
+from .flux import BFL_PREFIX, CONFIG_DIR, Source, TensorReader, _empty_model, _stream, open_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,99 @@ TARGET_PRESETS: dict[str, str] = {
     "context+ffs": _any(_CONTEXT_ATTN, _CONTEXT_FF),
 }
 SINGLE_OUTPUT = r"single_transformer_blocks\.{index}\.attn\.to_out"  # the "tiny"/"nano" presets' layer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The estimator's activation coefficients (memory/estimate.py explains S, P, Q and the unit u). Measured with the dry
+# run's tracker (bench/dryrun.py) on narrow FLUX.2 blocks (head dim 128, hidden 512 and 1024, the 1024 values
+# taken: they fall slightly with width), from 2- and 3-block stacks of each kind with and without checkpointing.
+# FLUX.2 blocks keep more than FLUX.1's per u: the fused single-block projection is 9 u wide (q, k, v + the SwiGLU
+# input) and the SwiGLU MLP keeps its gate and value. "all+ffs" = "all" (the same layers); "attention+ffs" and
+# "context+ffs" at 1024 and "tiny"/"nano" (one single block's output layer) are bounded from neighbouring
+# measurements.
+ACTIVATION_COEFFS = {  # (S_double, S_single, P_double, P_single, Q_double, Q_single)
+    "attention": (20.3, 25.3, 27.7, 40.6, 6.3, 14.3),
+    "attention+ffs": (24.8, 25.3, 29.5, 40.6, 4.9, 14.3),
+    "mmdit": (20.3, 20.1, 27.7, 39.3, 6.3, 18.2),
+    "all": (28.7, 27.3, 32.1, 41.6, 2.4, 13.4),
+    "all+ffs": (28.7, 27.3, 32.1, 41.6, 2.4, 13.4),
+    "context": (19.3, 20.1, 26.7, 39.3, 2.7, 18.2),
+    "context+ffs": (19.9, 20.1, 27.0, 39.3, 2.5, 18.2),
+    "tiny": (19.1, 25.3, 26.4, 40.6, 5.0, 14.3),
+    "nano": (19.1, 25.3, 26.4, 40.6, 5.0, 14.3),
+}
+FROZEN_COEFFS = (19.1, 20.1, 26.4, 39.3, 5.0, 18.2)  # a block without LoRA whose input still needs its gradient
+
+
+# Memory tiers per model size: the same names as FLUX.1's (memory/presets.py), each the plan for a card of that size
+# at 1024² (rank 16, attention targets, 512 text tokens) with 1 GiB left for the CUDA context and what the card
+# keeps, after the fit check's 10 % + 256 MiB margin. Found by searching the estimator's plans (base precision,
+# swapped blocks, checkpointed blocks, activation offload, optimizer) for the lowest step-time floor at 25 GB/s
+# host→device and 165 TFLOP/s; among plans within 10 % of it, the one whose transfers hide behind the compute
+# (≤ half its time), then an fp8/bf16 base over nf4, then the fewest bytes moved. Estimated peaks at 1024² / 512²:
+#
+# | tier | klein-4B                    | klein-9B                                 | dev                                     |
+# |------|-----------------------------|------------------------------------------|-----------------------------------------|
+# | 8gb  | fp8, ckpt 24/25: 5.9 / 4.8  | fp8, swap 23, act→host: 6.0 / 5.0        | nf4, swap 56, act→host, adamw8bit: 6.2 / 4.6 |
+# | 12gb | fp8, ckpt 18/25: 9.4 / 6.0  | fp8, swap 8, act→host, adamw8bit: 9.7 / 8.7 | fp8, swap 52, act→host, adamw8bit: 9.3 / 7.8 |
+# | 16gb | fp8, ckpt 12/25: 12.9 / 7.1 | fp8, ckpt 30/32: 12.7 / 10.6             | fp8, swap 45, act→host, adamw8bit: 13.0 / 11.5 |
+# | 24gb | bf16, ckpt 5/25: 20.3 / 11.8 | fp8, ckpt 20/32: 20.6 / 13.2            | fp8, swap 31, act→host, adamw8bit: 20.3 / 18.8 |
+# | 48gb | bf16, no ckpt: 22.6 / 12.5  | bf16, ckpt 1/32: 42.1 / 25.6             | fp8, ckpt 51/56: 42.1 / 35.6            |
+# | 80gb | bf16, no ckpt, batch 2: 37.7 / 17.6 | bf16, no ckpt, batch 2: 68.1 / 34.2 | fp8, ckpt 26/56: 71.5 / 45.4           |
+#
+# (GiB; "ckpt n/N": n of the N blocks checkpointed, the last ones keep their activations; 48gb and 80gb also compile
+# the blocks, as FLUX.1's do.) FLUX.2 dev at 1024² does not quite fit an 8 GB card by this estimate (6.2 GiB + the
+# margin = 7.03 GiB; its fused single-block projection alone is 0.7 GB in bf16 while it computes): its 8gb tier is
+# the most frugal plan there is, and fits at 512².
+
+def _tier(base_precision: str, *, swap: int = 0, keep: int = 0, offload: bool = False, checkpointing: bool = True,
+          optimizer: str = "adamw", compile_blocks: bool = False, batch: int = 1) -> dict:
+    """MemoryConfig knobs of one tier; ``keep``: blocks (the last ones) that keep their activations."""
+    return dict(base_precision=base_precision, blocks_to_swap=swap, gradient_checkpointing=checkpointing,
+                uncheckpointed_blocks=keep, offload_activations=offload, compile_blocks=compile_blocks,
+                batch_size=batch, optimizer=optimizer)
+
+
+MEMORY_PRESETS: dict[str, dict[str, dict]] = {
+    "flux2-klein-4b": {
+        "8gb": _tier("fp8", keep=1),
+        "12gb": _tier("fp8", keep=7),
+        "16gb": _tier("fp8", keep=13),
+        "24gb": _tier("bf16", keep=20),
+        "48gb": _tier("bf16", checkpointing=False, compile_blocks=True),
+        "80gb": _tier("bf16", checkpointing=False, compile_blocks=True, batch=2),
+    },
+    "flux2-klein-9b": {
+        "8gb": _tier("fp8", swap=23, offload=True),
+        "12gb": _tier("fp8", swap=8, offload=True, optimizer="adamw8bit"),
+        "16gb": _tier("fp8", keep=2),
+        "24gb": _tier("fp8", keep=12),
+        "48gb": _tier("bf16", keep=31, compile_blocks=True),
+        "80gb": _tier("bf16", checkpointing=False, compile_blocks=True, batch=2),
+    },
+    "flux2-dev": {
+        "8gb": _tier("nf4", swap=56, offload=True, optimizer="adamw8bit"),
+        "12gb": _tier("fp8", swap=52, offload=True, optimizer="adamw8bit"),
+        "16gb": _tier("fp8", swap=45, offload=True, optimizer="adamw8bit"),
+        "24gb": _tier("fp8", swap=31, offload=True, optimizer="adamw8bit"),
+        "48gb": _tier("fp8", keep=5, compile_blocks=True),
+        "80gb": _tier("fp8", keep=30, compile_blocks=True),
+    },
+}
+
+
+def _size(config: Mapping) -> tuple[int, int]:
+    return config["num_attention_heads"] * config["attention_head_dim"], config["num_layers"] + config["num_single_layers"]
+
+
+def memory_presets(config: Mapping) -> dict[str, dict]:
+    """The tiers of the shipped model this ``config`` is (by width and depth); for another size (a pruned or a
+    tiny model) those of the largest shipped model no wider than it, klein-4B's for anything narrower."""
+    width, depth = _size(config)
+    shipped = sorted(CONFIG_NAMES, key=lambda name: _size(flux2_config(name)))
+    exact = [name for name in shipped if _size(flux2_config(name)) == (width, depth)]
+    narrower = [name for name in shipped if _size(flux2_config(name))[0] <= width]
+    return MEMORY_PRESETS[(exact or narrower or shipped[:1])[-1]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,7 +398,9 @@ def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
-def _convert(src: TensorReader, entries: list[_Entry], bfl: bool, dtype, device) -> dict[str, torch.Tensor]:
+def _convert(src: TensorReader, entries: list[_Entry], bfl: bool, dtype, device, copy: bool = False
+             ) -> dict[str, torch.Tensor]:
+    """``copy``: always into new memory (a tensor read from a file is a view of its mapping otherwise)."""
     out = {}
     for e in entries:
         if bfl:
@@ -314,7 +409,7 @@ def _convert(src: TensorReader, entries: list[_Entry], bfl: bool, dtype, device)
                 tensor = _swap_halves(tensor)
         else:
             tensor = src.get(e.diffusers_key)
-        out[e.diffusers_key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        out[e.diffusers_key] = tensor.to(device=device, dtype=dtype or tensor.dtype, copy=copy)
     return out
 
 
@@ -368,21 +463,6 @@ def diffusers_module_to_bfl(name: str, inner_dim: int) -> tuple[str, slice | Non
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
-def _build(config: dict, sd: dict[str, torch.Tensor], name: str):
-    from accelerate import init_empty_weights
-    from diffusers import Flux2Transformer2DModel
-
-    with init_empty_weights():
-        model = Flux2Transformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    expected = model.state_dict()
-    for key, tensor in sd.items():
-        if tuple(expected[key].shape) != tuple(tensor.shape):
-            raise _not_flux2(name, sd.keys(), f"'{key}' has shape {tuple(tensor.shape)}, expected "
-                                              f"{tuple(expected[key].shape)}")
-    model.load_state_dict(sd, strict=True, assign=True)  # adopt the tensors: no second copy of the weights
-    return model.eval()
-
-
 def _load_folder(folder: Path, dtype: torch.dtype, device):
     from diffusers import Flux2Transformer2DModel
 
@@ -413,25 +493,51 @@ def check_flux2_transformer(path: Path) -> None:
         _infer(TensorReader.from_file(handle, path))
 
 
-def load_flux2_transformer(source: Source, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+def load_flux2_transformer(source: Source, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                           base_precision: str | None = None):
     """Load a FLUX.2 ``Flux2Transformer2DModel`` from a BFL or diffusers ``.safetensors`` file (bf16, fp16, fp8 or
     per-tensor scaled fp8; optional ``model.diffusion_model.`` prefix), a diffusers folder, or a state dict.
-    Never contacts a hub; width, depth, head size, context width and guidance are read from the tensor shapes."""
+    Never contacts a hub; width, depth, head size, context width and guidance are read from the tensor shapes.
+
+    With ``base_precision`` (``memory.base_precision``: fp8, nf4, int8, …) files and state dicts stream tensor by
+    tensor to it (``flux._stream``): the model is never whole in ``dtype`` on the way. A state dict's tensors already
+    in ``dtype`` on ``device`` (``device=None``: wherever each one is) become the parameters without a copy.
+    """
     if isinstance(source, Mapping):
         src = TensorReader.from_dict(source)
         entries, config, bfl = _infer(src)
-        return _build(config, _convert(src, entries, bfl, dtype, device), src.name)
+        return _stream(_empty_model(config), entries, lambda group: _convert(src, group, bfl, dtype, device),
+                       src.name, dtype, base_precision, _not_flux2)
     path = Path(source).expanduser()
     if path.is_dir():
         return _load_folder(path, dtype, device)
     with open_safetensors(path, "FLUX.2 transformer file") as handle:
-        src = TensorReader.from_file(handle, path, prefix=BFL_PREFIX)
-        entries, config, bfl = _infer(src)
-        sd = _convert(src, entries, bfl, dtype, device)
-    log.info("loaded FLUX.2 transformer %s: %d double + %d single blocks, width %d", path.name,
+        entries, config, bfl = _infer(TensorReader.from_file(handle, path, prefix=BFL_PREFIX))
+
+    def read(group: list[_Entry]) -> dict[str, torch.Tensor]:
+        # Opened per module: closing the file unmaps the pages just read (flux.load_flux_transformer says why).
+        with open_safetensors(path, "FLUX.2 transformer file") as handle:
+            return _convert(TensorReader.from_file(handle, path, prefix=BFL_PREFIX), group, bfl, dtype, device,
+                            copy=True)
+
+    model = _stream(_empty_model(config), entries, read, str(path), dtype, base_precision, _not_flux2)
+    log.info("loaded FLUX.2 transformer %s: %d double + %d single blocks, width %d%s", path.name,
              config["num_layers"], config["num_single_layers"],
-             config["num_attention_heads"] * config["attention_head_dim"])
-    return _build(config, sd, str(path))
+             config["num_attention_heads"] * config["attention_head_dim"],
+             f", block weights streamed to {base_precision}" if base_precision else "")
+    return model
+
+
+def flux2_file_config(source: Source) -> dict:
+    """The diffusers config of a FLUX.2 file, state dict or folder, read from shapes (no weights loaded)."""
+    if isinstance(source, Mapping):
+        return _infer(TensorReader.from_dict(source))[1]
+    path = Path(source).expanduser()
+    if path.is_dir():
+        config_path = path / "config.json" if (path / "config.json").is_file() else path / "transformer" / "config.json"
+        return json.loads(config_path.read_text(encoding="utf-8"))
+    with open_safetensors(path, "FLUX.2 transformer file") as handle:
+        return _infer(TensorReader.from_file(handle, path, prefix=BFL_PREFIX))[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
