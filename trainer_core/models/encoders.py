@@ -209,14 +209,19 @@ def _load_vae_folder(folder: Path, dtype: torch.dtype, device):
                                 f"VAE (AutoencoderKL){flux2}.")
     if config.get("latent_channels") != LATENT_CHANNELS:
         raise TrainerInputError(_latent_channels_message(config.get("latent_channels"), str(folder)))
+    return load_pretrained_vae(AutoencoderKL, folder, dtype, "VAE").to(device).eval()
+
+
+def load_pretrained_vae(vae_class, folder: Path, dtype: torch.dtype, what: str):
+    """``vae_class.from_pretrained(folder)``, refusing a damaged or incomplete weight file naming ``what``."""
     try:
-        vae, info = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
-                                                  output_loading_info=True)
+        vae, info = vae_class.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
+                                              output_loading_info=True)
     except (OSError, ValueError) as exc:
-        raise TrainerInputError(f"Could not load the VAE from {folder}: {exc}. Check that its weight file is "
+        raise TrainerInputError(f"Could not load the {what} from {folder}: {exc}. Check that its weight file is "
                                 "complete.") from exc
-    _refuse_missing_weights(info, folder, "VAE")
-    return vae.to(device).eval()
+    _refuse_missing_weights(info, folder, what)
+    return vae
 
 
 def _refuse_missing_weights(info: dict, folder: Path, what: str) -> None:

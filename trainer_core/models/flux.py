@@ -613,11 +613,16 @@ def load_flux_transformer(source: Source, dtype: torch.dtype = torch.bfloat16, d
 
 def flux_file_config(source: Source) -> dict:
     """The diffusers config of a FLUX.1 file, state dict or folder, read from shapes (no weights loaded)."""
+    return source_config(source, lambda reader: _infer(reader)[1], "FLUX.1 transformer file")
+
+
+def source_config(source: Source, infer, what: str) -> dict:
+    """A diffusers folder's config.json, or ``infer(reader)`` over a state dict's or a file's tensor shapes."""
     if isinstance(source, Mapping):
-        return _infer(TensorReader.from_dict(source))[1]
+        return infer(TensorReader.from_dict(source))
     path = Path(source).expanduser()
     if path.is_dir():
         config_path = path / "config.json" if (path / "config.json").is_file() else path / "transformer" / "config.json"
         return json.loads(config_path.read_text(encoding="utf-8"))
-    with open_safetensors(path, "FLUX.1 transformer file") as handle:
-        return _infer(TensorReader.from_file(handle, path))[1]
+    with open_safetensors(path, what) as handle:
+        return infer(TensorReader.from_file(handle, path))

@@ -27,7 +27,8 @@ from typing import Mapping
 import torch
 
 from ..errors import TrainerInputError
-from .flux import BFL_PREFIX, CONFIG_DIR, Source, TensorReader, _empty_model, _stream, open_safetensors
+from .flux import BFL_PREFIX, CONFIG_DIR, Source, TensorReader, _empty_model, _stream, open_safetensors, \
+    source_config
 
 log = logging.getLogger(__name__)
 
@@ -530,14 +531,7 @@ def load_flux2_transformer(source: Source, dtype: torch.dtype = torch.bfloat16, 
 
 def flux2_file_config(source: Source) -> dict:
     """The diffusers config of a FLUX.2 file, state dict or folder, read from shapes (no weights loaded)."""
-    if isinstance(source, Mapping):
-        return _infer(TensorReader.from_dict(source))[1]
-    path = Path(source).expanduser()
-    if path.is_dir():
-        config_path = path / "config.json" if (path / "config.json").is_file() else path / "transformer" / "config.json"
-        return json.loads(config_path.read_text(encoding="utf-8"))
-    with open_safetensors(path, "FLUX.2 transformer file") as handle:
-        return _infer(TensorReader.from_file(handle, path, prefix=BFL_PREFIX))[1]
+    return source_config(source, lambda reader: _infer(reader)[1], "FLUX.2 transformer file")
 
 
 # ---------------------------------------------------------------------------------------------------------------

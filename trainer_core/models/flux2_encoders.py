@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import TrainerInputError
 from .encoders import PathLike, _default_dtype, _model_device_dtype, _read_json, _refuse_missing_weights, \
-    weights_fingerprint
+    load_pretrained_vae, weights_fingerprint
 from .flux import TensorReader, open_safetensors
 from .flux2 import LATENT_CHANNELS, LATENT_DOWNSCALE
 
@@ -105,14 +105,7 @@ def load_flux2_vae(path: PathLike, dtype: torch.dtype | None = None, device="cpu
     class_name = _read_json(folder / "config.json").get("_class_name")
     if class_name != VAE_CLASS:
         raise TrainerInputError(f"{folder}: {_not_flux2_vae(f'a {class_name}')}")
-    try:
-        vae, info = AutoencoderKLFlux2.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
-                                                       output_loading_info=True)
-    except (OSError, ValueError) as exc:
-        raise TrainerInputError(f"Could not load the FLUX.2 VAE from {folder}: {exc}. Check that its weight file is "
-                                "complete.") from exc
-    _refuse_missing_weights(info, folder, "FLUX.2 VAE")
-    return Flux2VAE(vae.to(device).eval())
+    return Flux2VAE(load_pretrained_vae(AutoencoderKLFlux2, folder, dtype, "FLUX.2 VAE").to(device).eval())
 
 
 # ---------------------------------------------------------------------------------------------------------------
