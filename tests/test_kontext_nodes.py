@@ -105,3 +105,39 @@ def test_kontext_workflow_trains_pairs_and_validates_through_reference_latent(pa
     assert scale["class_type"] == "FluxKontextImageScale"
     assert api[scale["inputs"]["image"][0]]["class_type"] == "LoadImage"
 
+
+
+def test_flux2_klein_edit_workflow_trains_pairs_and_validates_through_reference_latent(pack):
+    """The shipped klein edit graph: klein base 4B trains on the Dataset node's pairs; the trained MODEL samples the
+    instruction with a held-out control (LoadImage → VAEEncode → ReferenceLatent, on the positive and on the
+    negative prompt, so CFG contrasts the prompts, not the reference) through CFGGuider and SamplerCustomAdvanced,
+    starting from the control's latent size."""
+    import json
+
+    api = json.loads((Path(__file__).resolve().parents[1] / "workflows" / "api" / "flux2_klein_edit_lora_train.json")
+                     .read_text(encoding="utf-8"))
+    by_type: dict[str, list[str]] = {}
+    for node_id, node in api.items():
+        by_type.setdefault(node["class_type"], []).append(node_id)
+    (dataset,), (train,), (sampler,) = (by_type["FluxLoraDataset"], by_type["FluxLoraTrain"],
+                                        by_type["SamplerCustomAdvanced"])
+    assert api[dataset]["inputs"]["control_folder"] not in ("", pack.dataset.NO_CONTROLS)
+    unet = api[api[train]["inputs"]["model"][0]]
+    assert unet["class_type"] == "UNETLoader" and unet["inputs"]["unet_name"] == "flux-2-klein-base-4b.safetensors"
+    clip = api[api[by_type["FluxLoraCache"][0]]["inputs"]["clip"][0]]
+    assert clip["class_type"] == "CLIPLoader" and clip["inputs"]["type"] == "flux2"
+    guider = api[api[sampler]["inputs"]["guider"][0]]
+    assert guider["class_type"] == "CFGGuider" and guider["inputs"]["model"] == [train, 0]
+    assert guider["inputs"]["cfg"] > 1
+    (encode,) = by_type["VAEEncode"]
+    prompts = []
+    for side in ("positive", "negative"):
+        reference = api[guider["inputs"][side][0]]
+        assert reference["class_type"] == "ReferenceLatent" and reference["inputs"]["latent"] == [encode, 0]
+        text = api[reference["inputs"]["conditioning"][0]]
+        assert text["class_type"] == "CLIPTextEncode"
+        prompts.append(text["inputs"]["text"])
+    assert prompts[0] and prompts[0] != prompts[1]
+    assert api[sampler]["inputs"]["latent_image"] == [encode, 0]
+    assert api[api[encode]["inputs"]["pixels"][0]]["class_type"] == "LoadImage"
+    assert api[api[sampler]["inputs"]["sigmas"][0]]["class_type"] == "Flux2Scheduler"

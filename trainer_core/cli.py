@@ -126,8 +126,8 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
     cache_dir = Path(run.output.cache_folder) if run.output.cache_folder else out / "cache"
 
     def cache_dataset():
-        cache = build_cache(scan_dataset(run.dataset) if items is None else items, vae, text_encoder, cache_dir, progress=TqdmProgress("caching"),
-                            empty_caption=run.train.caption_dropout > 0)
+        cache = build_cache(scan_dataset(run.dataset) if items is None else items, vae, text_encoder, cache_dir,
+                            progress=TqdmProgress("caching"), empty_caption=run.train.caption_dropout > 0)
         log.info("cache: %d items (%d reused, %d encoded) in %s", len(cache), cache.reused, cache.encoded, cache_dir)
         prompts = run.sample.prompts or sorted(set(cache.captions))[:4]
         negative = [run.sample.negative_prompt] if family.uses_negative_prompt else []
