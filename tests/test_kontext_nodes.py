@@ -141,3 +141,34 @@ def test_flux2_klein_edit_workflow_trains_pairs_and_validates_through_reference_
     assert api[sampler]["inputs"]["latent_image"] == [encode, 0]
     assert api[api[encode]["inputs"]["pixels"][0]]["class_type"] == "LoadImage"
     assert api[api[sampler]["inputs"]["sigmas"][0]]["class_type"] == "Flux2Scheduler"
+
+
+def test_flux2_edit_pairs_cache_through_comfyuis_flux2_vae_and_klein_validates_with_a_control(pack, tmp_path,
+                                                                                               monkeypatch):
+    """A control folder on the Dataset node with ComfyUI's FLUX.2 VAE: the controls are cached as FLUX.2 latents
+    ([128, H/16, W/16], as ComfyUI's VAE returns them) beside their targets, and klein's in-training validation
+    sample is conditioned on a training control with real CFG against the empty caption."""
+    tc = importlib.import_module(f"{_test_nodes.PACK}.trainer_core.data.cache")
+    family = importlib.import_module(f"{_test_nodes.PACK}.trainer_core.models.family")
+    for stem, colour in (("cat", (200, 30, 30)), ("dog", (30, 200, 30))):
+        _image(tmp_path / "input" / "edited" / f"{stem}.png", (64, 64), colour)
+        (tmp_path / "input" / "edited" / f"{stem}.txt").write_text(f"make the {stem} blue")
+        _image(tmp_path / "input" / "before" / f"{stem}.png", (64, 64), (30, 30, 20 + 100 * (stem == "dog")))
+    monkeypatch.setattr(pack.bridge, "comfy_folders", lambda: (tmp_path / "input", tmp_path / "output"))
+    (spec,) = pack.dataset.FluxLoraDataset().build(
+        **dict(_dataset_widgets(pack, folder="edited", resolutions="64"), control_folder="before"))
+    vae = _test_nodes.FakeFlux2VAE()
+    image_encoder = pack.bridge.ComfyImageEncoder(vae)
+    text_encoder = pack.bridge.ComfyTextEncoder(_test_nodes.FakeCLIP(pooled=False), image_encoder.family)
+    cache = tc.build_cache(spec.items, image_encoder, text_encoder, tmp_path / "cache", empty_caption=True)
+    assert image_encoder.family is family.FLUX2 and cache.control_count == 1
+    for i, item in enumerate(spec.items):
+        (control,) = cache.controls(i)
+        assert control.shape == (128, 4, 4)
+        assert torch.equal(control, vae.encode(item.controls[0].load_pixels()[None].movedim(1, -1))[0])
+    data = SimpleNamespace(cache=cache, prompts=[cache.text(1)], prompt_texts=["make the dog blue"])
+    validation = pack.train.FluxLoraTrain._validation(data, 5, "klein", family.FLUX2)
+    assert validation.config.guidance > 1 and validation.negative is not None
+    (controls,) = validation.controls
+    assert torch.equal(controls[0], cache.controls(cache.captions.index("make the dog blue"))[0])
+    assert not torch.equal(controls[0], cache.controls(cache.captions.index("make the cat blue"))[0])
