@@ -602,3 +602,98 @@ def test_flux2_text_encoder_lora_is_refused_before_anything_is_cached(tiny_flux2
     err = capsys.readouterr().err
     assert "lora.text_encoders = 't5' is not available for FLUX.2" in err and "set text_encoders to 'none'" in err
     assert not out.exists()  # nothing cached or written
+
+
+def _edit_pairs(root):
+    """Two edit pairs at 64 px: targets with their instruction captions, controls under the same stems."""
+    from PIL import Image
+
+    target_dir, control_dir = root / "targets", root / "controls"
+    target_dir.mkdir()
+    control_dir.mkdir()
+    for i, stem in enumerate(("a", "b")):
+        Image.new("RGB", (64, 64), (40 * i, 100, 200)).save(target_dir / f"{stem}.png")
+        (target_dir / f"{stem}.txt").write_text(f"make {stem} blue")
+        Image.new("RGB", (64, 64), (200, 40 * i, 40)).save(control_dir / f"{stem}.png")
+    return target_dir, control_dir
+
+
+def _edit_config(tiny_flux2_folder, tmp_path, target_dir, control_dir):
+    from trainer_core.cli import config_toml
+    from trainer_core.config import load_run_config
+
+    run = load_run_config(tiny_flux2_folder / "train.toml")
+    run.dataset = dataclasses.replace(run.dataset, folder=target_dir.as_posix(), control_folder=control_dir.as_posix(),
+                                      resolutions=[64])
+    run.train = dataclasses.replace(run.train, steps=2, checkpoint_every=0)
+    run.sample = dataclasses.replace(run.sample, steps=2, width=64, height=64, prompts=["make b blue"])
+    run.output.folder, run.output.name = (tmp_path / "out").as_posix(), "edit"
+    config = tmp_path / "edit.toml"
+    config.write_text(config_toml(run), encoding="utf-8")
+    return run, config
+
+
+def test_flux2_edit_cli_trains_paired_and_validates_with_the_control(tiny_flux2_folder, tmp_path, monkeypatch):
+    """``[dataset] control_folder`` on the tiny FLUX.2 files: the CLI trains on the pairs (each step sees the batch's
+    control latents), saves an edit LoRA, and every validation sample (the loop's and samples.png's) is conditioned
+    on the control of the training pair the prompt captions, at real CFG against the negative prompt."""
+    from trainer_core.cli import main
+    from trainer_core.data.cache import build_cache
+    from trainer_core.data.dataset import scan_dataset
+
+    target_dir, control_dir = _edit_pairs(tmp_path)
+    run, config = _edit_config(tiny_flux2_folder, tmp_path, target_dir, control_dir)
+    trained, sampled = [], []
+    real_loss, real_sample = flow.flow_matching_loss, flow.euler_sample
+
+    def recording_loss(*args, references=(), **kwargs):
+        trained.append([r.clone() for r in references])
+        return real_loss(*args, references=references, **kwargs)
+
+    def recording_sample(*args, references=(), negative=None, **kwargs):
+        sampled.append(([r.clone() for r in references], negative))
+        return real_sample(*args, references=references, negative=negative, **kwargs)
+
+    monkeypatch.setattr(flow, "flow_matching_loss", recording_loss)
+    monkeypatch.setattr(flow, "euler_sample", recording_sample)
+    assert main(["train", "--config", str(config), "--device", "cpu"]) == 0
+
+    out = tmp_path / "out"
+    state, meta = lora.read_lora_file(out / "edit.safetensors")
+    assert meta["modelspec.architecture"] == "flux-2-klein/lora" and meta["reference_images"] == "1"
+    assert meta["steps"] == "2" and any(".attn.to_qkv_mlp_proj.lora_A" in k for k in state)
+    assert (out / "samples.png").is_file()
+    # the cache holds both targets and both controls, FLUX.2 latents [128, 4, 4]; read back without encoders
+    cache = build_cache(scan_dataset(run.dataset), None, None, out / "cache")
+    assert cache.encoded == 0 and len(list((out / "cache" / "latents").iterdir())) == 4
+    assert len(trained) == 2 and all(len(refs) == 1 and refs[0].shape[1:] == (128, 4, 4) for refs in trained)
+    control_b = cache.controls(cache.captions.index("make b blue"))[0]
+    assert not torch.equal(control_b, cache.controls(cache.captions.index("make a blue"))[0])
+    # the loop's final sample, then samples.png's base and LoRA rows: each with pair b's control, guided by CFG
+    assert len(sampled) == 3
+    for references, negative in sampled:
+        assert len(references) == 1 and torch.equal(references[0], control_b[None].float())
+        assert negative is not None
+
+
+def test_flux2_edit_cli_reports_a_bad_pair_before_loading_any_encoder(tiny_flux2_folder, tmp_path, capsys,
+                                                                     monkeypatch):
+    """A target without its control, or a control without its target, is reported in one line naming the file
+    before the VAE or the text encoder is read (minutes with real files), and nothing is written."""
+    from trainer_core.cli import main
+
+    loaded = []
+    for name in ("load_vae", "load_text_encoder", "load_transformer"):
+        real = getattr(FLUX2, name)
+        monkeypatch.setattr(FLUX2, name, lambda *a, _real=real, _name=name, **k: loaded.append(_name) or _real(*a, **k))
+    target_dir, control_dir = _edit_pairs(tmp_path)
+    _, config = _edit_config(tiny_flux2_folder, tmp_path, target_dir, control_dir)
+    (control_dir / "b.png").rename(control_dir / "c.png")  # b loses its control; c has no target
+    assert main(["train", "--config", str(config), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: dataset: control image '.*c\.png' has no target image of the same name", err), err
+    (control_dir / "c.png").unlink()
+    assert main(["train", "--config", str(config), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: dataset: target image '.*b\.png' has no control image", err), err
+    assert loaded == [] and not (tmp_path / "out").exists()

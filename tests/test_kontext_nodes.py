@@ -105,3 +105,70 @@ def test_kontext_workflow_trains_pairs_and_validates_through_reference_latent(pa
     assert scale["class_type"] == "FluxKontextImageScale"
     assert api[scale["inputs"]["image"][0]]["class_type"] == "LoadImage"
 
+
+
+def test_flux2_klein_edit_workflow_trains_pairs_and_validates_through_reference_latent(pack):
+    """The shipped klein edit graph: klein base 4B trains on the Dataset node's pairs; the trained MODEL samples the
+    instruction with a held-out control (LoadImage → VAEEncode → ReferenceLatent, on the positive and on the
+    negative prompt, so CFG contrasts the prompts, not the reference) through CFGGuider and SamplerCustomAdvanced,
+    starting from the control's latent size."""
+    import json
+
+    api = json.loads((Path(__file__).resolve().parents[1] / "workflows" / "api" / "flux2_klein_edit_lora_train.json")
+                     .read_text(encoding="utf-8"))
+    by_type: dict[str, list[str]] = {}
+    for node_id, node in api.items():
+        by_type.setdefault(node["class_type"], []).append(node_id)
+    (dataset,), (train,), (sampler,) = (by_type["FluxLoraDataset"], by_type["FluxLoraTrain"],
+                                        by_type["SamplerCustomAdvanced"])
+    assert api[dataset]["inputs"]["control_folder"] not in ("", pack.dataset.NO_CONTROLS)
+    unet = api[api[train]["inputs"]["model"][0]]
+    assert unet["class_type"] == "UNETLoader" and unet["inputs"]["unet_name"] == "flux-2-klein-base-4b.safetensors"
+    clip = api[api[by_type["FluxLoraCache"][0]]["inputs"]["clip"][0]]
+    assert clip["class_type"] == "CLIPLoader" and clip["inputs"]["type"] == "flux2"
+    guider = api[api[sampler]["inputs"]["guider"][0]]
+    assert guider["class_type"] == "CFGGuider" and guider["inputs"]["model"] == [train, 0]
+    assert guider["inputs"]["cfg"] > 1
+    (encode,) = by_type["VAEEncode"]
+    prompts = []
+    for side in ("positive", "negative"):
+        reference = api[guider["inputs"][side][0]]
+        assert reference["class_type"] == "ReferenceLatent" and reference["inputs"]["latent"] == [encode, 0]
+        text = api[reference["inputs"]["conditioning"][0]]
+        assert text["class_type"] == "CLIPTextEncode"
+        prompts.append(text["inputs"]["text"])
+    assert prompts[0] and prompts[0] != prompts[1]
+    assert api[sampler]["inputs"]["latent_image"] == [encode, 0]
+    assert api[api[encode]["inputs"]["pixels"][0]]["class_type"] == "LoadImage"
+    assert api[api[sampler]["inputs"]["sigmas"][0]]["class_type"] == "Flux2Scheduler"
+
+
+def test_flux2_edit_pairs_cache_through_comfyuis_flux2_vae_and_klein_validates_with_a_control(pack, tmp_path,
+                                                                                               monkeypatch):
+    """A control folder on the Dataset node with ComfyUI's FLUX.2 VAE: the controls are cached as FLUX.2 latents
+    ([128, H/16, W/16], as ComfyUI's VAE returns them) beside their targets, and klein's in-training validation
+    sample is conditioned on a training control with real CFG against the empty caption."""
+    tc = importlib.import_module(f"{_test_nodes.PACK}.trainer_core.data.cache")
+    family = importlib.import_module(f"{_test_nodes.PACK}.trainer_core.models.family")
+    for stem, colour in (("cat", (200, 30, 30)), ("dog", (30, 200, 30))):
+        _image(tmp_path / "input" / "edited" / f"{stem}.png", (64, 64), colour)
+        (tmp_path / "input" / "edited" / f"{stem}.txt").write_text(f"make the {stem} blue")
+        _image(tmp_path / "input" / "before" / f"{stem}.png", (64, 64), (30, 30, 20 + 100 * (stem == "dog")))
+    monkeypatch.setattr(pack.bridge, "comfy_folders", lambda: (tmp_path / "input", tmp_path / "output"))
+    (spec,) = pack.dataset.FluxLoraDataset().build(
+        **dict(_dataset_widgets(pack, folder="edited", resolutions="64"), control_folder="before"))
+    vae = _test_nodes.FakeFlux2VAE()
+    image_encoder = pack.bridge.ComfyImageEncoder(vae)
+    text_encoder = pack.bridge.ComfyTextEncoder(_test_nodes.FakeCLIP(pooled=False), image_encoder.family)
+    cache = tc.build_cache(spec.items, image_encoder, text_encoder, tmp_path / "cache", empty_caption=True)
+    assert image_encoder.family is family.FLUX2 and cache.control_count == 1
+    for i, item in enumerate(spec.items):
+        (control,) = cache.controls(i)
+        assert control.shape == (128, 4, 4)
+        assert torch.equal(control, vae.encode(item.controls[0].load_pixels()[None].movedim(1, -1))[0])
+    data = SimpleNamespace(cache=cache, prompts=[cache.text(1)], prompt_texts=["make the dog blue"])
+    validation = pack.train.FluxLoraTrain._validation(data, 5, "klein", family.FLUX2)
+    assert validation.config.guidance > 1 and validation.negative is not None
+    (controls,) = validation.controls
+    assert torch.equal(controls[0], cache.controls(cache.captions.index("make the dog blue"))[0])
+    assert not torch.equal(controls[0], cache.controls(cache.captions.index("make the cat blue"))[0])

@@ -148,7 +148,9 @@ def _socket_type(node_type: str, name: str) -> str:
 
 def test_the_training_workflows_and_their_api_twins_ship():
     assert {WORKFLOWS / "flux_lora_train.json", WORKFLOWS / "flux_lora_train_lowvram.json",
-            WORKFLOWS / "flux2_klein_lora_train.json", WORKFLOWS / "flux2_dev_lora_train.json"} <= set(ui_workflows())
+            WORKFLOWS / "flux2_klein_lora_train.json", WORKFLOWS / "flux2_dev_lora_train.json",
+            WORKFLOWS / "flux_kontext_lora_train.json", WORKFLOWS / "flux2_klein_edit_lora_train.json"
+            } <= set(ui_workflows())
     assert {p.name for p in api_workflows()} == {p.name for p in ui_workflows()}
 
 

@@ -102,7 +102,7 @@ def save_image_grid(rows: list[torch.Tensor], path: Path) -> Path:
 
 def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path, device, base_name: str,
                  metrics_path: Path | None = None, price_per_gpu_hour: float | None = None,
-                 model_config: dict | None = None, family: ModelFamily = FLUX1) -> int:
+                 model_config: dict | None = None, family: ModelFamily = FLUX1, items: list | None = None) -> int:
     """Cache → free the text encoders → load the transformer → train → ``samples.png`` and ``loss.png``.
 
     ``load_transformer(base_precision)`` is called only once the text encoders are gone, so the two never share
@@ -111,7 +111,8 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
     On N processes, process 0 caches (the others read its cache: the cache folder must be one they all see),
     shows progress and writes every file; ``vae`` and ``text_encoder`` are needed on process 0 only, unless
     training needs the text encoders live (:func:`needs_live_text`). ``family`` (the transformer's) says whether the
-    validation samples need the negative prompt encoded (real CFG).
+    validation samples need the negative prompt encoded (real CFG). ``items``: the dataset already scanned (and its
+    pairs checked) from ``run.dataset``; scanned here when None.
     """
     from .data.cache import build_cache, build_prompt_cache
     from .data.dataset import scan_dataset
@@ -125,8 +126,8 @@ def run_training(load_transformer, vae, text_encoder, run: RunConfig, out: Path,
     cache_dir = Path(run.output.cache_folder) if run.output.cache_folder else out / "cache"
 
     def cache_dataset():
-        cache = build_cache(scan_dataset(run.dataset), vae, text_encoder, cache_dir, progress=TqdmProgress("caching"),
-                            empty_caption=run.train.caption_dropout > 0)
+        cache = build_cache(scan_dataset(run.dataset) if items is None else items, vae, text_encoder, cache_dir,
+                            progress=TqdmProgress("caching"), empty_caption=run.train.caption_dropout > 0)
         log.info("cache: %d items (%d reused, %d encoded) in %s", len(cache), cache.reused, cache.encoded, cache_dir)
         prompts = run.sample.prompts or sorted(set(cache.captions))[:4]
         negative = [run.sample.negative_prompt] if family.uses_negative_prompt else []
@@ -377,6 +378,11 @@ def cmd_train(args) -> int:
     family.check_lora_config(run.lora)
     if not run.dataset.folder:
         raise TrainerInputError("[dataset] folder: no dataset folder given; set it in the config or use --dataset.")
+    # The dataset (with its pairs) is read before any encoder loads (minutes with real files), so a bad image or a
+    # target without its control is reported at once.
+    from .data.dataset import scan_dataset
+
+    items = distributed.on_main(scan_dataset, run.dataset)
     out = Path(run.output.folder)
     dtype = torch.bfloat16 if run.train.compute_dtype == "bf16" else torch.float32
     base_name = paths.base_name or Path(paths.transformer).name
@@ -386,7 +392,7 @@ def cmd_train(args) -> int:
         family.load_vae(paths.vae, device=device) if main else None,
         family.load_text_encoder(paths, device=device) if main or needs_live_text(run) else None,
         run, out, device, base_name, price_per_gpu_hour=args.gpu_price,
-        model_config=family.file_config(paths.transformer), family=family,
+        model_config=family.file_config(paths.transformer), family=family, items=items,
     )
 
 

@@ -2,7 +2,9 @@
 MODEL, samples through ComfyUI's FLUX.2 nodes (EmptyFlux2LatentImage, Flux2Scheduler, CFGGuider / BasicGuider,
 SamplerCustomAdvanced) an image that differs from the base model's, and saves a LoRA (and its kohya and comfy
 exports) that ComfyUI's LoraLoader and LoraLoaderModelOnly load with no ``lora key not loaded``, each giving the
-Train node's image.
+Train node's image. The klein edit workflow trains on (control → target) pairs and samples from a held-out control
+through VAEEncode → ReferenceLatent (FLUX.2's "index" reference ids), the base model's edit of the same control
+beside it.
 
 Generated only for a ComfyUI whose source has FLUX.2 klein's text encoder (``klein_te``): nothing is collected for
 an older release (CI fails on a skip), and everything skips, as the rest of this folder does, without COMFYUI_DIR.
@@ -14,6 +16,8 @@ What the tests substitute in the shipped graph (same node ids, same wiring), and
   ComfyUI builds the flux2 text encoder at full size whatever the file holds (Qwen3-4B ≈ 8 GB), which a CPU test
   cannot afford. The tiny FLUX.2 takes 768-wide text to match; the CLIP-L's pooled vector is ignored by FLUX.2.
 - VAELoader(flux2-vae) becomes VAELoader("taef2"), ComfyUI's own tiny FLUX.2 VAE (128 channels at /16).
+- The edit workflow's control folder and held-out control (LoadImage) become the FLUX.1 Kontext test's: each dataset
+  image in grey, and a grey image the LoRA never saw (test_comfyui._edit_inputs).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ def adapt(api: dict, fx, variant: str, name: str) -> dict:
     """The shipped FLUX.2 workflow on the tiny fixtures (see the module docstring for what is substituted), at
     64 px, two training steps with the workflow's validation sample at the end, two sampling steps."""
     api = copy.deepcopy(api)
+    controls, held_out = test_comfyui._edit_inputs(fx)
     for node in api.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "UNETLoader":
@@ -85,6 +90,10 @@ def adapt(api: dict, fx, variant: str, name: str) -> dict:
             inputs["vae_name"] = fx.vae
         elif kind == "FluxLoraDataset":
             inputs.update(folder=fx.dataset, resolutions="64")
+            if not inputs["control_folder"].startswith("(none"):
+                inputs["control_folder"] = controls
+        elif kind == "LoadImage":
+            inputs["image"] = held_out
         elif kind == "FluxLoraTrain":
             inputs.update(rank=4, alpha=4.0, learning_rate=1e-2, timestep_sampling="sigmoid", steps=2,
                           checkpoint_every=0, sample_every=2, output_name=name)
@@ -128,6 +137,11 @@ if _generate():  # a ComfyUI without FLUX.2 klein collects nothing here (CI coun
         assert guider["inputs"]["model"] == [train, 0]  # the trained MODEL straight into FLUX.2 sampling
         (save,) = [k for k in _ids(api, "SaveImage")]
         base_save = sampling_branch(api, sampler, 900, [unet, 0], f"{name}_base")
+        edit = "edit" in workflow.stem
+        if edit:  # the trained MODEL without the reference: the edit's ReferenceLatent reaches the model
+            no_reference = sampling_branch(api, sampler, 910, [train, 0], f"{name}_no_reference")
+            api["910"]["inputs"].update({side: api[api["910"]["inputs"][side][0]]["inputs"]["conditioning"]
+                                         for side in ("positive", "negative")})
         api["940"] = {"class_type": "FluxLoraOptions",
                       "inputs": node_inputs(server, "FluxLoraOptions", export_kohya=True, export_comfy=True)}
         api[train]["inputs"]["options"] = ["940", 0]
@@ -143,6 +157,11 @@ if _generate():  # a ComfyUI without FLUX.2 klein collects nothing here (CI coun
         with safe_open(str(lora), framework="pt") as f:
             meta, keys = f.metadata(), list(f.keys())
         assert meta["steps"] == "2" and meta["base_model"].startswith(f"FLUX.2 {variant}")
+        if edit:  # trained on the pairs; sampled from the held-out control through ReferenceLatent
+            assert meta["reference_images"] == "1"
+            assert re.search(r"4 targets paired with 1 control image\(s\) each", server.log_text())
+            assert {api[guider["inputs"][side][0]]["class_type"] for side in ("positive", "negative")} == {
+                "ReferenceLatent"}
         assert any("single_transformer_blocks.0.attn.to_qkv_mlp_proj" in k for k in keys), keys[:8]
         log = server.log_text()
         sharing = re.findall(r"(\d+) of (\d+) tensors shared, (\d+) copied", log)[-1]
@@ -153,6 +172,11 @@ if _generate():  # a ComfyUI without FLUX.2 klein collects nothing here (CI coun
         difference = np.abs(trained - base)
         print(f"{workflow.stem}: LoRA vs base image mean |Δ| {difference.mean():.3f}, max {difference.max()}")
         assert trained.shape == base.shape and difference.max() > 0
+        if edit:
+            unreferenced = saved_image(server, history, no_reference)
+            print(f"{workflow.stem}: edit vs the same MODEL without ReferenceLatent mean |Δ| "
+                  f"{np.abs(trained - unreferenced).mean():.3f}")
+            assert not np.array_equal(trained, unreferenced)
 
         # The saved files (default, kohya and comfy formats) through ComfyUI's LoRA loaders: every key loads, and
         # each gives the Train node's image.
