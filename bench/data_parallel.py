@@ -69,7 +69,7 @@ def worker(argv=None) -> None:
     """One process of a launch: train and time; process 0 writes the result."""
     from trainer_core import distributed, memory
 
-    from .workloads import model_config, our_step, random_flux, synthetic_cache
+    from .workloads import model_config, our_step, random_flux, synthetic_cache, text_tokens
 
     parser = argparse.ArgumentParser()
     for name, kind in (("--model", str), ("--device", str), ("--resolution", int), ("--steps", int),
@@ -80,11 +80,10 @@ def worker(argv=None) -> None:
     cuda = device.type == "cuda"
     config = model_config(args.model)
     dtype = torch.bfloat16 if cuda else torch.float32
-    text_tokens = 512 if args.model != "tiny" else 16
+    tokens = text_tokens(args.model)
     with tempfile.TemporaryDirectory(prefix="flux-bench-dp-cache-") as folder:
-        cache = synthetic_cache(folder, args.resolution, text_tokens=text_tokens,
-                                text_dim=config["joint_attention_dim"], pooled_dim=config["pooled_projection_dim"])
-        workload = memory.Workload(config, args.resolution, 1, 16, "attention", "adamw", text_tokens,
+        cache = synthetic_cache(folder, args.resolution, config, text_tokens=tokens)
+        workload = memory.Workload(config, args.resolution, 1, 16, "attention", "adamw", tokens,
                                    "bf16" if cuda else "fp32")
         mem = memory.resolve_preset(PRESET if cuda else "none", {"batch_size": 1}, None, workload)
         step, close = our_step(random_flux(config, device, dtype), cache, mem, rank=16, device=device,

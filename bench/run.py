@@ -1,6 +1,7 @@
 """One command, one table: ``python -m bench`` (GPU mode when CUDA is available, else CPU mode).
 
-GPU mode: full-size FLUX.1-dev with random weights at 512² and 1024², rank 16, batch 1; for every preset
+GPU mode: a full-size transformer with random weights (``--model``: FLUX.1-dev by default, or FLUX.2 klein-4B,
+klein-9B, dev) at 512² and 1024², rank 16, batch 1; for every preset of that model
 (each capped to its card size), a "24 GiB card" row (auto, process capped to 24 GiB) and the plain
 diffusers + peft baseline, and our step on 1 GPU vs every visible GPU (``bench/data_parallel.py``). CPU mode: the
 tiny model, our step against the baseline loop, peak RSS.
@@ -16,13 +17,35 @@ import sys
 import traceback
 from pathlib import Path
 
-from .workloads import RowSpec, machine, measure
+from .workloads import MODELS, TINY_MODELS, RowSpec, machine, measure, model_config, text_tokens
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 TIERS = ("8gb", "12gb", "16gb", "24gb", "48gb", "80gb")
-MFU_FORMULA = ("MFU = 2 × forward FLOPs (every linear layer + attention QKᵀ/AV, counted exactly: 74.4 TFLOP at "
-               "1024², 21.5 at 512²; recomputation and LoRA not counted) / median s/step / measured peak bf16 "
-               "matmul FLOP/s")
+# The card each FLUX.2 model must train in at 1024² (issue 11: klein-4B within 8 GB, klein-9B within 12 GB, dev
+# within 24 GB): the peak reserved VRAM of that tier's row is checked against it. tiny-flux2 takes klein-4B's tiers.
+FLUX2_FIT = {"flux2-klein-4b": "8gb", "flux2-klein-9b": "12gb", "flux2-dev": "24gb", "tiny-flux2": "8gb"}
+
+
+def mfu_formula(model: str, resolutions) -> str:
+    from trainer_core.memory import flux_forward_flops
+
+    config = model_config(model)
+    counted = ", ".join(f"{flux_forward_flops(config, resolution=r, text_tokens=text_tokens(model)) / 1e12:.1f} "
+                        f"TFLOP at {r}²" for r in sorted(resolutions, reverse=True))
+    return (f"MFU = 2 × forward FLOPs (every linear layer + attention QKᵀ/AV, counted exactly for {model}: {counted}; "
+            "recomputation and LoRA not counted) / median s/step / measured peak bf16 matmul FLOP/s")
+
+
+def model_gb(model: str) -> float:
+    """Size of the model's bf16 weights (GB): what the benchmark builds in host RAM for each of our rows."""
+    import torch
+
+    from trainer_core.models.family import detect_family
+
+    config = model_config(model)
+    with torch.device("meta"):
+        transformer = detect_family(config).model_class()(**config)
+    return sum(p.numel() for p in transformer.parameters()) * 2 / 1e9
 
 
 def _child(fn, arg, queue) -> None:
@@ -61,14 +84,16 @@ def gpu_rows(args) -> list[RowSpec]:
     common = dict(model=args.model, device=args.device, warmup=args.warmup, steps=args.steps,
                   compute_dtype="bf16" if args.device == "cuda" else "fp32")
     for res in args.resolutions:
-        rows.append(RowSpec("baseline: diffusers + peft", "baseline", res, **common))
+        if args.baseline:
+            rows.append(RowSpec("baseline: diffusers + peft", "baseline", res, **common))
         for tier in args.presets:
             rows.append(RowSpec(f"preset {tier}", "ours", res, preset=tier,
                                 cap_gib=float(tier.removesuffix("gb")) if args.device == "cuda" else 0.0,
                                 warmup=args.warmup + (3 if tier in ("48gb", "80gb") else 0),  # compile
                                 **{k: v for k, v in common.items() if k != "warmup"}))
-        rows.append(RowSpec("24 GiB card (auto, capped)", "ours", res, preset="auto",
-                            cap_gib=24.0 if args.device == "cuda" else 0.0, **common))
+        if args.card:
+            rows.append(RowSpec("24 GiB card (auto, capped)", "ours", res, preset="auto",
+                                cap_gib=24.0 if args.device == "cuda" else 0.0, **common))
     return rows
 
 
@@ -93,10 +118,8 @@ def _fmt(value, spec="{:.2f}", missing="–"):
 def gpu_table(results: list[dict], peak_tflops: float | None, model: str) -> tuple[str, list[str]]:
     from trainer_core.memory import flux_forward_flops
 
-    from .workloads import model_config
-
     config = model_config(model)
-    text_tokens = 16 if model == "tiny" else 512
+    tokens = text_tokens(model)
     baseline = {r["resolution"]: r for r in results if r["kind"] == "baseline" and "error" not in r}
     lines = ["| run | res | knobs | peak alloc GiB | peak reserved GiB | estimate GiB (error) | s/step | MFU | "
              "speed vs baseline | host RSS GiB |", "|" + "---|" * 10]
@@ -104,7 +127,7 @@ def gpu_table(results: list[dict], peak_tflops: float | None, model: str) -> tup
         if "error" in r:
             lines.append(f"| {r['label']} | {r['resolution']}² | – | failed: {r['error']} |  |  |  |  |  |  |")
             continue
-        flops = 2 * flux_forward_flops(config, resolution=r["resolution"], text_tokens=text_tokens)
+        flops = 2 * flux_forward_flops(config, resolution=r["resolution"], text_tokens=tokens)
         mfu = flops / r["seconds"] / (peak_tflops * 1e12) if peak_tflops else None
         r["mfu"] = mfu
         est = r.get("estimate_gib")
@@ -118,10 +141,10 @@ def gpu_table(results: list[dict], peak_tflops: float | None, model: str) -> tup
             f"| {label} | {r['resolution']}² | {r['knobs']} | {_fmt(peak)} | {_fmt(r.get('reserved_gib'))} | "
             f"{_fmt(est)}{err} | {r['seconds']:.3f} | {_fmt(mfu, '{:.0%}')} | {_fmt(ratio, '{:.2f}×')} | "
             f"{r['rss_gib']:.1f} |" + ("" if r["finite"] else " (non-finite loss)"))
-    return "\n".join(lines), _gpu_goals(results, baseline)
+    return "\n".join(lines), _gpu_goals(results, baseline, model)
 
 
-def _gpu_goals(results: list[dict], baseline: dict) -> list[str]:
+def _gpu_goals(results: list[dict], baseline: dict, model: str) -> list[str]:
     ok = [r for r in results if "error" not in r and r["kind"] == "ours"]
 
     def row(label, res):
@@ -133,13 +156,21 @@ def _gpu_goals(results: list[dict], baseline: dict) -> list[str]:
         met = value >= target if higher else value <= target
         return f"- {name}: {fmt.format(value)} (goal {'≥' if higher else '≤'} {fmt.format(target)}) — {'met' if met else 'NOT met'}"
 
-    goals = [
-        check("peak at 1024², lowest preset", (row("preset 8gb", 1024) or {}).get("peak_gib"), 6.0, "{:.2f} GiB"),
-        check("peak at 512², lowest preset", (row("preset 8gb", 512) or {}).get("peak_gib"), 4.0, "{:.2f} GiB"),
-        check("MFU unconstrained (80gb, 1024²)", (row("preset 80gb", 1024) or {}).get("mfu"), 0.55, "{:.0%}", True),
-        check("MFU in a 24 GiB cap (1024²)", (row("24 GiB card", 1024) or {}).get("mfu"), 0.45, "{:.0%}", True),
-        check("MFU in an 8 GiB cap (8gb, 1024²)", (row("preset 8gb", 1024) or {}).get("mfu"), 0.30, "{:.0%}", True),
-    ]
+    if model in FLUX2_FIT:
+        tier = FLUX2_FIT[model]
+        goals = [check(f"peak reserved at 1024², preset {tier} (trains in a {tier.removesuffix('gb')} GiB card)",
+                       (row(f"preset {tier}", 1024) or {}).get("reserved_gib"), float(tier.removesuffix("gb")),
+                       "{:.2f} GiB")]
+    else:  # FLUX.1-dev (and the tiny FLUX.1)
+        goals = [
+            check("peak at 1024², lowest preset", (row("preset 8gb", 1024) or {}).get("peak_gib"), 6.0, "{:.2f} GiB"),
+            check("peak at 512², lowest preset", (row("preset 8gb", 512) or {}).get("peak_gib"), 4.0, "{:.2f} GiB"),
+            check("MFU unconstrained (80gb, 1024²)", (row("preset 80gb", 1024) or {}).get("mfu"), 0.55, "{:.0%}",
+                  True),
+            check("MFU in a 24 GiB cap (1024²)", (row("24 GiB card", 1024) or {}).get("mfu"), 0.45, "{:.0%}", True),
+            check("MFU in an 8 GiB cap (8gb, 1024²)", (row("preset 8gb", 1024) or {}).get("mfu"), 0.30, "{:.0%}",
+                  True),
+        ]
     for res, base in sorted(baseline.items()):
         equal = [r for r in ok if r["resolution"] == res and r.get("peak_gib") and r["peak_gib"] <= base.get("peak_gib", 0)]
         best = max(equal, key=lambda r: r["speedup"] or 0, default=None)
@@ -165,24 +196,12 @@ def cpu_table(results: list[dict]) -> tuple[str, list[str]]:
     return "\n".join(lines), goals
 
 
-def write_results(mode: str, text: str) -> None:
-    """Replace this mode's section of bench/RESULTS.md (the other mode's latest table stays)."""
-    from trainer_core.fileio import atomic_path
+def write_results(mark: str, text: str) -> None:
+    """Replace the section under ``mark`` of bench/RESULTS.md (each mode, and each model in GPU mode, keeps its
+    latest run; the other sections stay)."""
+    from .dryrun import write_results as write_section
 
-    sections = {"gpu": "", "cpu": ""}
-    if RESULTS.exists():
-        current = None
-        for line in RESULTS.read_text(encoding="utf-8").splitlines(keepends=True):
-            marker = line.strip()
-            if marker in ("<!-- gpu -->", "<!-- cpu -->"):
-                current = marker[5:8]
-            elif current:
-                sections[current] += line
-    sections[mode] = text.replace("# Benchmark", "## Benchmark", 1)
-    body = "# Benchmark results\n\nWritten by `python -m bench`; each mode keeps its latest run.\n\n"
-    body += "".join(f"<!-- {m} -->\n{sections[m].strip()}\n\n" for m in ("gpu", "cpu") if sections[m].strip())
-    with atomic_path(RESULTS) as tmp:
-        tmp.write_text(body, encoding="utf-8")
+    write_section(text.replace("# Benchmark", "## Benchmark", 1), mark)
 
 
 def main(argv=None) -> int:
@@ -194,12 +213,23 @@ def main(argv=None) -> int:
     parser.add_argument("--presets", nargs="+", default=list(TIERS), choices=TIERS)
     parser.add_argument("--steps", type=int, default=None, help="timed steps after warm-up (≥ 10 on a GPU)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--model", default="flux1-dev", help="GPU mode model: flux1-dev, or tiny to dry-run the table")
-    parser.add_argument("--device", default=None, help="GPU mode device (cpu only for a dry run with --model tiny)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md as it is")
+    parser.add_argument("--model", default="flux1-dev", choices=MODELS,
+                        help="GPU mode model (random weights of its full-size config); tiny or tiny-flux2 to dry-run "
+                             "the table's code with --device cpu")
+    parser.add_argument("--device", default=None, help="GPU mode device (cpu only for a dry run with a tiny model)")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="GPU mode: the diffusers + peft baseline row at each resolution")
+    parser.add_argument("--card", action=argparse.BooleanOptionalAction, default=True,
+                        help='GPU mode: the "24 GiB card" row (preset auto, capped) at each resolution')
+    parser.add_argument("--no-write", action="store_true",
+                        help="print only; leave bench/RESULTS.md as it is (a GPU-mode dry run on the CPU never "
+                             "writes it)")
     args = parser.parse_args(argv)
     mode = args.mode if args.mode != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     args.device = args.device or ("cuda" if mode == "gpu" else "cpu")
+    if mode == "gpu" and args.device == "cpu" and args.model not in TINY_MODELS:
+        parser.error(f"--device cpu runs GPU mode's table only as a dry run with a tiny model "
+                     f"({' or '.join(TINY_MODELS)}), not {args.model}")
     if mode == "gpu":
         args.resolutions = args.resolutions or [512, 1024]
         args.steps = args.steps or 10
@@ -227,11 +257,12 @@ def main(argv=None) -> int:
 
         table, goals = gpu_table(results, peak, args.model)
         table = "\n".join([table, *data_parallel_rows(args)])
-        notes = [MFU_FORMULA + (f"; peak measured here: {peak:.0f} TFLOP/s." if peak else "."),
-                 "Host RSS includes the random bf16 model the benchmark builds in RAM (≈ 24 GB) before "
-                 "preparing it."]
-        title = f"GPU mode: {'FLUX.1-dev (random weights)' if args.model != 'tiny' else 'tiny model (dry run)'}, " \
-                f"rank 16, batch 1, {args.steps} timed steps after warm-up"
+        notes = [mfu_formula(args.model, args.resolutions)
+                 + (f"; peak measured here: {peak:.0f} TFLOP/s." if peak else "."),
+                 f"Host RSS includes the random bf16 model the benchmark builds in RAM (≈ {model_gb(args.model):.1f} "
+                 "GB) before preparing it."]
+        what = f"{args.model} (random weights)" if args.model not in TINY_MODELS else f"{args.model} (dry run)"
+        title = f"GPU mode: {what}, rank 16, batch 1, {args.steps} timed steps after warm-up"
     else:
         table, goals = cpu_table(results)
         notes = ["Tiny FLUX (4 blocks, width 32), fp32 on one CPU thread, rank 8, batch 1. Each row builds our "
@@ -246,6 +277,7 @@ def main(argv=None) -> int:
         table, "", *notes, "", "Goals:", *goals, "",
     ])
     print(text)
-    if not args.no_write:
-        write_results(mode, text)
+    dry_run = mode == "gpu" and args.device != "cuda"
+    if not args.no_write and not dry_run:
+        write_results(f"<!-- gpu {args.model} -->" if mode == "gpu" else "<!-- cpu -->", text)
     return 0 if all("error" not in r for r in results) else 1

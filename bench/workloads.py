@@ -20,23 +20,40 @@ GiB = 2**30
 
 # ----- model and data -----
 
+MODELS = ("flux1-dev", "flux2-klein-4b", "flux2-klein-9b", "flux2-dev", "tiny", "tiny-flux2")
+TINY_MODELS = ("tiny", "tiny-flux2")  # for a dry run of the benchmark's code on the CPU
+
+
 def model_config(name: str) -> dict:
+    """The diffusers config of a model of :data:`MODELS` (the full-size configs without their ``_`` metadata)."""
     if name == "tiny":
         from trainer_core.models.tiny import tiny_flux_config
 
         return tiny_flux_config()
-    from trainer_core.models.flux import flux_config
+    if name == "tiny-flux2":
+        from trainer_core.models.flux2 import tiny_flux2_config
 
-    return {k: v for k, v in flux_config(name).items() if not k.startswith("_")}
+        return tiny_flux2_config("klein")
+    from trainer_core.models.flux import FLUX_CONFIGS, flux_config
+    from trainer_core.models.flux2 import flux2_config
+
+    config = flux_config(name) if name in FLUX_CONFIGS else flux2_config(name)
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def text_tokens(name: str) -> int:
+    """Text tokens per caption: 512 as the full-size models' encoders pad to; 16 for the tiny models."""
+    return 16 if name in TINY_MODELS else 512
 
 
 def random_flux(config: dict, device: str | torch.device = "cpu", dtype=torch.bfloat16, seed: int = 0):
-    """FLUX with random weights (no download): linears N(0, 1/fan_in), modulation 10× smaller, so a deep stack
-    stays finite; filled on the GPU when there is one (12 B values), then placed on ``device``."""
-    from diffusers import FluxTransformer2DModel
+    """A transformer of ``config``'s family with random weights (no download): linears N(0, 1/fan_in),
+    modulation 10× smaller, so a deep stack stays finite; filled on the GPU when there is one (up to 32 B
+    values), then placed on ``device``."""
+    from trainer_core.models.family import detect_family
 
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**config).to(dtype)
+        model = detect_family(config).model_class()(**config).to(dtype)
     model = model.to_empty(device=device)
     fill = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     gen = torch.Generator(fill).manual_seed(seed)
@@ -47,23 +64,33 @@ def random_flux(config: dict, device: str | torch.device = "cpu", dtype=torch.bf
             elif p.dim() == 1:
                 p.fill_(1.0)  # RMSNorm scales
             else:
-                std = (0.1 if ".norm" in name or name.startswith("norm") else 1.0) / math.sqrt(p.shape[1])
+                # modulation: FLUX.1's norm*.linear, FLUX.2's global *_modulation.linear; both have norm_out.linear
+                modulation = ".norm" in name or name.startswith("norm") or "modulation" in name
+                std = (0.1 if modulation else 1.0) / math.sqrt(p.shape[1])
                 p.copy_(torch.empty(p.shape, device=fill, dtype=p.dtype).normal_(0, std, generator=gen))
+    if fill.type == "cuda":
+        torch.cuda.empty_cache()  # the fill's buffers are not the row's: keep them out of its reserved peak
     return model.train()
 
 
 class _RandomImageEncoder:
-    """Stands in for the VAE: seeded random model-space latents of the right shape."""
+    """Stands in for the VAE: seeded random model-space latents in the family's layout (FLUX.1: 16 channels at /8;
+    FLUX.2: 128 at /16, the VAE's 32 channels pixel-shuffled 2×2)."""
 
-    identity = "bench-random-latents/1"
+    def __init__(self, family):
+        self.family = family
+        self.latent_channels, self.latent_downscale = family.latent_channels, family.latent_downscale
+        self.identity = f"bench-random-latents/{self.latent_channels}x{self.latent_downscale}"
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         b, _, h, w = images.shape
-        return torch.randn(b, 16, h // 8, w // 8, generator=torch.Generator().manual_seed(h * w))
+        return torch.randn(b, *self.family.latent_shape(h, w), generator=torch.Generator().manual_seed(h * w))
 
 
 class _RandomTextEncoder:
-    """Stands in for CLIP-L + T5: seeded random embeddings of the right shape (T5 in bf16, as ComfyUI's)."""
+    """Stands in for the text encoders: seeded random embeddings of the right shape, hidden states in bf16 as
+    ComfyUI's. FLUX.1: T5 states + a CLIP-L pooled vector; FLUX.2: three stacked hidden layers, no pooled
+    vector (``[B, 0]``)."""
 
     def __init__(self, tokens: int, dim: int, pooled: int):
         self.shape = (tokens, dim, pooled)
@@ -76,17 +103,19 @@ class _RandomTextEncoder:
                 torch.randn(len(captions), pooled, generator=g))
 
 
-def synthetic_cache(folder, resolution: int, items: int = 4, text_tokens: int = 512, text_dim: int = 4096,
-                    pooled_dim: int = 768):
-    """A real ``LatentCache`` (built by the data pipeline) of random images and random embeddings."""
+def synthetic_cache(folder, resolution: int, config: dict, items: int = 4, text_tokens: int = 512):
+    """A real ``LatentCache`` (built by the data pipeline) of random images and random embeddings shaped for the
+    transformer of ``config`` (its family's latents, its text width, FLUX.1's pooled vector)."""
     from trainer_core.config import DatasetConfig
     from trainer_core.data.cache import build_cache
     from trainer_core.data.dataset import dataset_from_images
+    from trainer_core.models.family import detect_family
 
     images = torch.rand(items, resolution, resolution, 3, generator=torch.Generator().manual_seed(0))
     entries = dataset_from_images(images, [f"benchmark image {i}" for i in range(items)],
                                   DatasetConfig(resolutions=[resolution]))
-    return build_cache(entries, _RandomImageEncoder(), _RandomTextEncoder(text_tokens, text_dim, pooled_dim), folder)
+    text = _RandomTextEncoder(text_tokens, config["joint_attention_dim"], config.get("pooled_projection_dim", 0))
+    return build_cache(entries, _RandomImageEncoder(detect_family(config)), text, folder)
 
 
 # ----- the two steps -----
@@ -105,20 +134,23 @@ def our_step(model, cache, mem, *, rank: int, device, compute_dtype: str, optimi
 
 
 class BaselineLoop:
-    """The diffusers reference recipe (train_dreambooth_lora_flux.py) written plainly: base in the compute dtype,
-    peft LoRA in the same dtype, diffusers' gradient checkpointing, autocast, AdamW, clipping at 1.0.
-    Targets are the same layers as ours ("attention"), so both do the same arithmetic."""
+    """The diffusers reference recipes (train_dreambooth_lora_flux.py, …_flux2.py) written plainly: base in the
+    compute dtype, peft LoRA in the same dtype, diffusers' gradient checkpointing, autocast, AdamW, clipping at 1.0.
+    Targets are the same layers as ours (the family's "attention"), so both do the same arithmetic; packing, ids
+    and the transformer call are the family's (trainer_core.models.family), as the recipes do them."""
 
     def __init__(self, model, cache, *, rank: int, device, dtype, checkpointing: bool):
         from peft import LoraConfig
 
         from trainer_core.lora import resolve_targets
+        from trainer_core.models.family import detect_family
 
         self.device, self.dtype, self.cache = torch.device(device), dtype, cache
+        self.family = detect_family(model)
         self.model = model.to(self.device, dtype)
         self.model.requires_grad_(False)
         self.model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                          target_modules=resolve_targets("attention")))
+                                          target_modules=resolve_targets("attention", self.model)))
         if checkpointing:
             self.model.enable_gradient_checkpointing()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -127,8 +159,7 @@ class BaselineLoop:
         self.index = 0
 
     def step(self) -> float:
-        from trainer_core.models.family import FLUX1
-
+        family = self.family
         x0 = self.cache.latent(self.index % len(self.cache))[None].to(self.device, self.dtype)
         hidden, pooled = (t[None].to(self.device, self.dtype) for t in self.cache.text(0))
         self.index += 1
@@ -137,14 +168,11 @@ class BaselineLoop:
         x_t = ((1 - sigma) * x0 + sigma * noise).to(self.dtype)
         _, _, h, w = x0.shape
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            pred = self.model(
-                hidden_states=FLUX1.pack_latents(x_t), encoder_hidden_states=hidden, pooled_projections=pooled,
-                timestep=sigma.to(self.dtype), img_ids=FLUX1.image_ids(h, w, device=self.device),
-                txt_ids=FLUX1.text_ids(hidden.shape[1], device=self.device),
-                guidance=torch.ones(1, device=self.device, dtype=self.dtype) if self.model.config.guidance_embeds else None,
-                return_dict=False,
-            )[0]
-        loss = F.mse_loss(FLUX1.unpack_latents(pred.float(), h, w), (noise - x0).float())
+            pred = family.call_transformer(
+                self.model, family.pack_latents(x_t), sigma.to(self.dtype), hidden, pooled,
+                family.image_ids(h, w, device=self.device), family.text_ids(hidden.shape[1], device=self.device),
+                1.0, self.dtype)
+        loss = F.mse_loss(family.unpack_latents(pred.float(), h, w), (noise - x0).float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
@@ -207,16 +235,15 @@ def measure(spec: RowSpec) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec.cap_gib * GiB / total))
     config = model_config(spec.model)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec.compute_dtype]
-    text_tokens = 512 if spec.model != "tiny" else 16
+    tokens = text_tokens(spec.model)
     folder = tempfile.TemporaryDirectory(prefix="flux-bench-")
-    cache = synthetic_cache(folder.name, spec.resolution, text_tokens=text_tokens,
-                            text_dim=config["joint_attention_dim"], pooled_dim=config["pooled_projection_dim"])
+    cache = synthetic_cache(folder.name, spec.resolution, config, text_tokens=tokens)
     result = dict(label=spec.label, kind=spec.kind, resolution=spec.resolution, preset=spec.preset)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     steps = []
     if spec.kind in ("ours", "pair"):
-        steps.append(_ours(spec, config, cache, dtype, text_tokens, result))
+        steps.append(_ours(spec, config, cache, dtype, tokens, result))
     if spec.kind in ("baseline", "pair"):
         model = random_flux(config, spec.device, dtype)
         loop = BaselineLoop(model, cache, rank=spec.rank, device=spec.device, dtype=dtype,
