@@ -15,11 +15,9 @@ import datetime
 import multiprocessing
 import sys
 import traceback
-from pathlib import Path
 
 from .workloads import MODELS, TINY_MODELS, RowSpec, machine, measure, model_config, text_tokens
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 TIERS = ("8gb", "12gb", "16gb", "24gb", "48gb", "80gb")
 # The card each FLUX.2 model must train in at 1024² (issue 11: klein-4B within 8 GB, klein-9B within 12 GB, dev
 # within 24 GB). The row runs capped to the card, so an overrun is an OOM; the goal is the tier's own budget: peak
@@ -35,8 +33,8 @@ def mfu_formula(model: str, resolutions) -> str:
     config = model_config(model)
     counted = ", ".join(f"{flux_forward_flops(config, resolution=r, text_tokens=text_tokens(model)) / 1e12:.1f} "
                         f"TFLOP at {r}²" for r in sorted(resolutions, reverse=True))
-    return (f"MFU = 2 × forward FLOPs (every linear layer + attention QKᵀ/AV, counted exactly for {model}: {counted}; "
-            "recomputation and LoRA not counted) / median s/step / measured peak bf16 matmul FLOP/s")
+    return (f"MFU = 2 × forward FLOPs (every linear layer + attention QKᵀ/AV, counted exactly for {model}: "
+            f"{counted}; recomputation and LoRA not counted) / median s/step / measured peak bf16 matmul FLOP/s")
 
 
 def model_gb(model: str) -> float:
@@ -162,9 +160,9 @@ def _gpu_goals(results: list[dict], baseline: dict, model: str) -> list[str]:
     if model in FLUX2_FIT:
         tier = FLUX2_FIT[model]
         card = float(tier.removesuffix("gb"))
-        goals = [check(f"peak reserved at 1024², preset {tier} (the {card:.0f} GiB card less {CUDA_CONTEXT_GIB:.0f} GiB "
-                       "for the CUDA context)", (row(f"preset {tier}", 1024) or {}).get("reserved_gib"),
-                       card - CUDA_CONTEXT_GIB, "{:.2f} GiB")]
+        goals = [check(f"peak reserved at 1024², preset {tier} (the {card:.0f} GiB card less "
+                       f"{CUDA_CONTEXT_GIB:.0f} GiB for the CUDA context)",
+                       (row(f"preset {tier}", 1024) or {}).get("reserved_gib"), card - CUDA_CONTEXT_GIB, "{:.2f} GiB")]
     else:  # FLUX.1-dev (and the tiny FLUX.1)
         goals = [
             check("peak at 1024², lowest preset", (row("preset 8gb", 1024) or {}).get("peak_gib"), 6.0, "{:.2f} GiB"),
