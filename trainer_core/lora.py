@@ -45,6 +45,7 @@ from .config import LoraConfig
 from .errors import TrainerInputError
 from .fileio import save_safetensors, unique_path
 from .models.family import FLUX1, detect_family
+from .models.flux import TARGET_PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -53,33 +54,7 @@ CLIP_PREFIX = "text_encoder."  # diffusers' and ComfyUI's key for a CLIP-L LoRA
 T5_PREFIX = "text_encoders.t5xxl.transformer."  # ComfyUI's generic text-encoder key for T5-XXL
 ADAPTER = "default"
 
-_DOUBLE = r"transformer_blocks\.\d+"
-_SINGLE = r"single_transformer_blocks\.\d+"
-_DOUBLE_ATTN = rf"{_DOUBLE}\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-_CONTEXT_ATTN = rf"{_DOUBLE}\.attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-_SINGLE_ATTN = rf"{_SINGLE}\.attn\.(to_q|to_k|to_v)"
-_DOUBLE_FF = rf"{_DOUBLE}\.(ff|ff_context)\.net\.(0\.proj|2)"
-_CONTEXT_FF = rf"{_DOUBLE}\.ff_context\.net\.(0\.proj|2)"
-_SINGLE_MLP = rf"{_SINGLE}\.(proj_mlp|proj_out)"
-_MODULATION = rf"({_DOUBLE}\.(norm1|norm1_context)|{_SINGLE}\.norm)\.linear"
-
-
-def _any(*patterns: str) -> str:
-    return "|".join(f"({p})" for p in patterns)
-
-
-# Full-name regexes (peft matches them with re.fullmatch), so "proj_out" never hits the final top-level proj_out.
-# The default, "attention+ffs", is attention plus feed-forward of every block (the core recipe); "attention" is
-# attention only. "all" adds the single blocks' output projections and the modulation linears.
-TARGET_PRESETS: dict[str, str] = {
-    "attention": _any(_DOUBLE_ATTN, _SINGLE_ATTN),
-    "attention+ffs": _any(_DOUBLE_ATTN, _SINGLE_ATTN, _DOUBLE_FF, _SINGLE_MLP),
-    "mmdit": _DOUBLE_ATTN,
-    "all": _any(_DOUBLE_ATTN, _SINGLE_ATTN, rf"{_SINGLE}\.proj_out", _MODULATION),
-    "all+ffs": _any(_DOUBLE_ATTN, _SINGLE_ATTN, _DOUBLE_FF, _SINGLE_MLP, _MODULATION),
-    "context": _CONTEXT_ATTN,
-    "context+ffs": _any(_CONTEXT_ATTN, _CONTEXT_FF),
-}
+# FLUX.1's target presets live with its model; lora.TARGET_PRESETS is the name the config refers to.
 # TheLastBen's small-LoRA recipe (as SimpleTuner ships it): the output projection of single blocks 7 and 20 of
 # FLUX.1's 38 ("tiny"), or of block 7 only ("nano"). Other depths use the same relative positions.
 SIZED_PRESETS: dict[str, tuple[int, ...]] = {"tiny": (7, 20), "nano": (7,)}

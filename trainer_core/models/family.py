@@ -177,11 +177,7 @@ class Flux1Family(ModelFamily):
 
         return PRESET_TABLE
 
-    @property
-    def target_presets(self) -> dict[str, str]:
-        from ..lora import TARGET_PRESETS
-
-        return TARGET_PRESETS
+    target_presets = flux.TARGET_PRESETS
 
     def pack_latents(self, latents):
         """[B, C, H, W] → [B, H/2·W/2, 4C]: each token is one 2×2 patch (channel-major, like BFL's rearrange)."""

@@ -51,6 +51,36 @@ def flux_config(name: str) -> dict:
     return json.loads(json.dumps(FLUX_CONFIGS[name]))
 
 
+# LoRA target presets: full-name regexes over the diffusers module names (fragments shared with FLUX.2's).
+_DOUBLE_BLOCK = r"transformer_blocks\.\d+"
+_SINGLE_BLOCK = r"single_transformer_blocks\.\d+"
+_DOUBLE_ATTN = rf"{_DOUBLE_BLOCK}\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_CONTEXT_ATTN = rf"{_DOUBLE_BLOCK}\.attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+_SINGLE_ATTN = rf"{_SINGLE_BLOCK}\.attn\.(to_q|to_k|to_v)"
+_DOUBLE_FF = rf"{_DOUBLE_BLOCK}\.(ff|ff_context)\.net\.(0\.proj|2)"
+_CONTEXT_FF = rf"{_DOUBLE_BLOCK}\.ff_context\.net\.(0\.proj|2)"
+_SINGLE_MLP = rf"{_SINGLE_BLOCK}\.(proj_mlp|proj_out)"
+_MODULATION = rf"({_DOUBLE_BLOCK}\.(norm1|norm1_context)|{_SINGLE_BLOCK}\.norm)\.linear"
+
+
+def _any(*patterns: str) -> str:
+    return "|".join(f"({p})" for p in patterns)
+
+
+# Full-name regexes (peft matches them with re.fullmatch), so "proj_out" never hits the final top-level proj_out.
+# The default, "attention+ffs", is attention plus feed-forward of every block (the core recipe); "attention" is
+# attention only. "all" adds the single blocks' output projections and the modulation linears.
+TARGET_PRESETS: dict[str, str] = {
+    "attention": _any(_DOUBLE_ATTN, _SINGLE_ATTN),
+    "attention+ffs": _any(_DOUBLE_ATTN, _SINGLE_ATTN, _DOUBLE_FF, _SINGLE_MLP),
+    "mmdit": _DOUBLE_ATTN,
+    "all": _any(_DOUBLE_ATTN, _SINGLE_ATTN, rf"{_SINGLE_BLOCK}\.proj_out", _MODULATION),
+    "all+ffs": _any(_DOUBLE_ATTN, _SINGLE_ATTN, _DOUBLE_FF, _SINGLE_MLP, _MODULATION),
+    "context": _CONTEXT_ATTN,
+    "context+ffs": _any(_CONTEXT_ATTN, _CONTEXT_FF),
+}
+
+
 # The estimator's activation coefficients (memory/estimate.py explains S, P, Q and the unit u), measured on narrow
 # FLUX.1 blocks (head dim 128, hidden 512 and 1024); "context", "tiny" and "nano" are bounded from neighbouring
 # measurements.

@@ -27,8 +27,8 @@ from typing import Mapping
 import torch
 
 from ..errors import TrainerInputError
-from .flux import BFL_PREFIX, CONFIG_DIR, Source, TensorReader, _empty_model, _stream, open_safetensors, \
-    source_config
+from .flux import _CONTEXT_ATTN, _DOUBLE_ATTN, _DOUBLE_BLOCK, _SINGLE_BLOCK, BFL_PREFIX, CONFIG_DIR, Source, \
+    TensorReader, _any, _empty_model, _stream, open_safetensors, source_config
 
 log = logging.getLogger(__name__)
 
@@ -125,21 +125,12 @@ def call_transformer(transformer, tokens, sigma, hidden, img_ids, txt_ids, guida
 # LoRA target presets (full-name regexes: peft fullmatches a string target). A double block's ``attn.to_out`` is a
 # ModuleList, so its linear is ``to_out.0``; a single block's ``attn.to_out`` is the fused output linear itself.
 # Single blocks cannot separate attention from MLP (both live in the fused linears), so every preset that touches
-# single-block attention trains those fused linears — as diffusers' FLUX.2 recipes do by default.
-
-_DOUBLE = r"transformer_blocks\.\d+"
-_SINGLE = r"single_transformer_blocks\.\d+"
-_DOUBLE_ATTN = rf"{_DOUBLE}\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-_CONTEXT_ATTN = rf"{_DOUBLE}\.attn\.(add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-_SINGLE_FUSED = rf"{_SINGLE}\.attn\.(to_qkv_mlp_proj|to_out)"
-_DOUBLE_FF = rf"{_DOUBLE}\.(ff|ff_context)\.(linear_in|linear_out)"
-_CONTEXT_FF = rf"{_DOUBLE}\.ff_context\.(linear_in|linear_out)"
+# single-block attention trains those fused linears — as diffusers' FLUX.2 recipes do by default. The double-block
+# attention fragments are FLUX.1's (the same module names).
+_SINGLE_FUSED = rf"{_SINGLE_BLOCK}\.attn\.(to_qkv_mlp_proj|to_out)"
+_DOUBLE_FF = rf"{_DOUBLE_BLOCK}\.(ff|ff_context)\.(linear_in|linear_out)"
+_CONTEXT_FF = rf"{_DOUBLE_BLOCK}\.ff_context\.(linear_in|linear_out)"
 _MODULATION = r"(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\.linear"
-
-
-def _any(*patterns: str) -> str:
-    return "|".join(f"({p})" for p in patterns)
-
 
 TARGET_PRESETS: dict[str, str] = {
     "attention": _any(_DOUBLE_ATTN, _SINGLE_FUSED),
